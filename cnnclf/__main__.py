@@ -1,0 +1,254 @@
+"""Command line: train, predict and prepare.
+
+    python -m cnnclf train --task cifar10 --preset cifar10-seed --data-dir data
+    python -m cnnclf train --task catdog --preset catdog-strong --subset 4000 --epochs 5 --save cd.pt --json
+    python -m cnnclf predict --checkpoint cd.pt photo1.jpg photo2.jpg
+    python -m cnnclf prepare --task catdog --data-dir data
+
+Exit codes: 0 success, 2 bad arguments or unusable input (one line on stderr naming the
+flag or file), 1 anything else (a diverged run included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from cnnclf.config import DEFAULT_PRESET, PRESETS, TASKS, ConfigError, TrainConfig, get_preset
+from cnnclf.data import DataError, load_task
+
+
+class UsageError(Exception):
+    """Bad arguments: exit 2 with this one-line message."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        raise UsageError(message)
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in its message
+_positive_float.__name__ = "positive number"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="cnnclf", description="Train and use small CNNs on CIFAR-10 and Cat/Dog.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train one configuration")
+    t.add_argument("--task", choices=TASKS, required=True)
+    t.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: the task's seed baseline)")
+    # Flags left out keep the preset's value; names follow TrainConfig (and torch).
+    t.add_argument("--model", choices=["tutorial", "cnn"])
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--momentum", type=float)
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--schedule", choices=["constant", "cosine", "linear"])
+    t.add_argument("--warmup-epochs", type=float)
+    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--depth", type=_positive_int)
+    t.add_argument("--kernel-size", type=int, choices=[3, 5, 7])
+    t.add_argument("--width", type=_positive_int)
+    t.add_argument("--image-size", type=_positive_int)
+    t.add_argument("--normalize", choices=["half", "dataset", "imagenet"])
+    t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
+    t.add_argument("--subset", type=_positive_int, help="train on this many training images")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--data-dir", type=Path, default=Path("data"))
+    t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--save", type=Path, help="write the final checkpoint here (for predict, or to resume)")
+    t.add_argument("--resume", type=Path, help="continue from a checkpoint written by --save")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object, last on stdout")
+
+    pr = sub.add_parser("predict", help="classify images with a saved checkpoint")
+    pr.add_argument("--checkpoint", type=Path, required=True)
+    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    pr.add_argument("--json", action="store_true")
+
+    pp = sub.add_parser("prepare", help="download (if missing), decode and cache a task's data")
+    pp.add_argument("--task", choices=TASKS, required=True)
+    pp.add_argument("--data-dir", type=Path, default=Path("data"))
+    pp.add_argument("--image-size", type=_positive_int)
+    pp.add_argument("--no-download", action="store_true")
+    return p
+
+
+_FLAG_FIELDS = [
+    "model", "optimizer", "lr", "momentum", "nesterov", "amsgrad", "weight_decay", "batch_size", "epochs",
+    "schedule", "warmup_epochs", "label_smoothing", "depth", "kernel_size", "width", "image_size",
+    "normalize", "augment", "subset", "seed",
+]  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    preset = get_preset(args.preset or DEFAULT_PRESET[args.task])
+    if preset.task != args.task:
+        raise UsageError(f"argument --preset: {args.preset} is a {preset.task} preset, not {args.task}")
+    changes = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
+    if changes.get("optimizer") == "sgd" and args.amsgrad:
+        raise UsageError("argument --amsgrad: only applies to --optimizer adam or adamw")
+    try:
+        return preset.replace(**changes)
+    except ConfigError as e:
+        raise UsageError(f"argument --{str(e).split('=', 1)[0].replace('_', '-')}: {e}") from None
+
+
+def _device(name: str):
+    from cnnclf.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except RuntimeError as e:
+        raise UsageError(f"argument --device: {e}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from cnnclf.train import load_checkpoint, train
+
+    cfg = config_from_args(args)
+    device = _device(args.device)
+    resume = None
+    if args.resume is not None:
+        if not args.resume.is_file():
+            raise UsageError(f"argument --resume: no checkpoint at {args.resume}")
+        resume = load_checkpoint(args.resume)
+        if TrainConfig.from_dict(resume["config"]) != cfg:
+            raise UsageError(f"argument --resume: {args.resume} was trained with a different config")
+    data = load_task(
+        cfg.task,
+        args.data_dir,
+        image_size=cfg.image_size,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        subset=cfg.subset,
+        seed=cfg.seed,
+        download_missing=not args.no_download,
+    )
+    m = data.manifest
+    print(
+        f"{cfg.task}: {m['splits']['train']['n']} train / {m['splits']['val']['n']} val / "
+        f"{m['splits']['test']['n']} test images ({m['layout']}, {m['files_skipped']} files skipped, "
+        f"manifest {m['manifest_path']}); device {device}",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=cfg.epochs, initial=resume["epoch"] if resume else 0, desc="epochs", unit="ep", file=sys.stderr)
+
+    def report(epoch: int, metrics: dict, save) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("train/loss", "val/acc") if k in metrics})
+        if args.save is not None and save is not None and epoch == cfg.epochs:
+            save(args.save)
+
+    result = train(cfg, data, report, device=device, resume=resume)
+    bar.close()
+    if not args.json:
+        _print_summary(result)
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"} | {"config": cfg.to_dict()}))
+    if result["status"] == "diverged":
+        print(
+            f"cnnclf: error: training diverged at epoch {result['epochs']} (non-finite loss); try a lower --lr",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _print_summary(result: dict) -> None:
+    print(f"val/acc {result['val/acc']:.4f}  test/acc {result['test/acc']:.4f}  "
+          f"{result['throughput/train_img_s']:.0f} train img/s  {result['seconds']:.1f} s")  # fmt: skip
+    print("per-class test accuracy:")
+    for name in result["classes"]:
+        print(f"  {name:<12s} {100 * result[f'test/acc/{name}']:5.1f}%")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnclf.data import Normalizer, decode_image
+    from cnnclf.train import load_model
+
+    if not args.checkpoint.is_file():
+        raise UsageError(f"argument --checkpoint: no checkpoint at {args.checkpoint}")
+    device = _device(args.device)
+    try:
+        model, cfg, meta = load_model(args.checkpoint, device)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input
+        raise UsageError(f"argument --checkpoint: {args.checkpoint} is not a cnnclf checkpoint ({e})") from None
+    images = []
+    for path in args.images:
+        try:
+            images.append(torch.from_numpy(decode_image(path, cfg.image_size)).permute(2, 0, 1))
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
+    normalize = Normalizer(meta["mean"], meta["std"], device)
+    with torch.no_grad():
+        probs = torch.softmax(model(normalize(torch.stack(images).to(device))).float(), dim=1).cpu()
+    rows = []
+    for path, p in zip(args.images, probs, strict=True):
+        k = int(p.argmax())
+        rows.append({"image": str(path), "class": meta["classes"][k], "probability": float(p[k])})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    data = load_task(args.task, args.data_dir, image_size=args.image_size, download_missing=not args.no_download)
+    m = data.manifest
+    print(json.dumps({k: v for k, v in m.items() if k != "skipped"} | {"skipped": m["skipped"][:20]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": cmd_train, "predict": cmd_predict, "prepare": cmd_prepare}[args.command](args)
+    except UsageError as e:
+        print(f"cnnclf: error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"cnnclf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnclf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("CNNCLF_DEBUG"):
+            raise
+        print(f"cnnclf: error: {type(e).__name__}: {e} (set CNNCLF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

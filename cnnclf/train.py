@@ -1,0 +1,301 @@
+"""The training loop: a plain function of a config, the data and a `report` callback.
+
+    result = train(cfg, data, report=lambda epoch, metrics, save_checkpoint: ...)
+
+`report` is called once per epoch with DESIGN.md's metric names; `save_checkpoint(path)`
+writes everything needed to resume (model, optimizer, schedule, RNG state, epoch), and
+`train(..., resume=path)` continues from it to the same result as an uninterrupted run.
+No Ray, Optuna or MLflow here: sweeps/ adapts this to Tune and MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnclf.config import TrainConfig
+from cnnclf.data import Normalizer, TaskData, eval_batches, make_augment, normalization, train_batches
+from cnnclf.models import build_model
+
+SaveCheckpoint = Callable[[str | os.PathLike], None]
+Report = Callable[[int, dict, SaveCheckpoint | None], None]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    return build_model(
+        cfg.model,
+        num_classes=num_classes,
+        depth=cfg.depth,
+        kernel_size=cfg.kernel_size,
+        width=cfg.width,
+        image_size=cfg.image_size,
+    )
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and bias parameters: decaying them only fights the scale.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused=True: one kernel per step for all parameters, on the CPU as on CUDA; at batch 4 the
+    # per-parameter Python loop of the default implementation is a large share of a step.
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=True
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, amsgrad=cfg.amsgrad, fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, amsgrad=cfg.amsgrad, fused=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up, then constant, cosine or linear decay."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        p = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        if cfg.schedule == "linear":
+            return 1 - p
+        return 1.0
+
+    return factor
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Each epoch's shuffle and augmentation depend on (seed, epoch) alone, so a resumed run
+    # draws exactly the batches the uninterrupted run would have drawn.
+    return (seed * 1_000_003 + epoch * 7919) % (2**63)
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA (no loss scaling needed); plain float32 on the CPU, where bf16 is slower.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    normalize: Normalizer,
+    num_classes: int,
+    batch_size: int = 1024,
+) -> dict:
+    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true, cols: predicted)."""
+    was_training = model.training
+    model.eval()
+    device = x.device
+    channels_last = device.type == "cuda"
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    for xb, yb in eval_batches(x, y, batch_size, normalize):
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out.float(), yb, reduction="sum")
+        confusion += torch.bincount(yb * num_classes + out.argmax(1), minlength=num_classes * num_classes)
+    model.train(was_training)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    per_class_n = confusion.sum(1).clamp_min(1)
+    n = max(1, len(y))
+    return {
+        "acc": confusion.diag().sum().item() / n,
+        "loss": loss_sum.item() / n,
+        "per_class": (confusion.diag() / per_class_n).tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    data: TaskData,
+    report: Report | None = None,
+    *,
+    device: str | torch.device | None = None,
+    resume: str | os.PathLike | dict | None = None,
+) -> dict:
+    """Train `cfg` on `data`; returns the final metrics plus `status` ("completed" or "diverged").
+
+    `data` may already sit on the device (the sweeps move it once per trial); if not, it is
+    moved here. The test set is evaluated once, after the last epoch, and never steers anything.
+    """
+    device = resolve_device(device)
+    started = time.perf_counter()
+    data = data.to(device)
+    num_classes = len(data.classes)
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # model initialization
+    model = model_for(cfg, num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mean, std = normalization(cfg.normalize, data.train_x)
+    normalize = Normalizer(mean, std, device)
+    augment = make_augment(cfg.augment)
+
+    start_epoch, elapsed_before = 0, 0.0
+    if resume is not None:
+        state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        start_epoch, elapsed_before = state["epoch"], state.get("seconds", 0.0)
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {
+            "config": cfg.to_dict(),
+            "classes": data.classes,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "epoch": epoch,
+            "seconds": elapsed_before + time.perf_counter() - started,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    # A non-finite loss stays non-finite in the running sum, so checking the sum every few
+    # steps catches divergence within those steps without a host sync (CUDA) or a Python
+    # call (CPU) on every step.
+    check_every = 16
+    constant_lr = cfg.schedule == "constant" and int(cfg.warmup_epochs * steps_per_epoch) == 0
+    metrics: dict = {}
+    status = "completed"
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        model.train()
+        g = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, epoch))
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        diverged = False
+        for step, (xb, yb) in enumerate(train_batches(data.train_x, data.train_y, cfg.batch_size, normalize, augment, g)):
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                out = model(xb)
+                loss = criterion(out, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not constant_lr:
+                scheduler.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+            seen += len(yb)
+            if step % check_every == check_every - 1 and not torch.isfinite(loss_sum):
+                diverged = True
+                break
+        if not diverged and not torch.isfinite(loss_sum):
+            diverged = True
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        if diverged:
+            status = "diverged"
+            metrics = {
+                "epoch": epoch,
+                "train/loss": float("nan"),
+                "train/acc": correct.item() / max(1, seen),
+                "val/loss": float("nan"),
+                "val/acc": float("nan"),
+                "diverged": 1.0,
+                "time/epoch_s": train_s,
+                "throughput/train_img_s": seen / max(train_s, 1e-9),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if report is not None:
+                report(epoch, metrics, None)
+            break
+        val = evaluate(model, data.val_x, data.val_y, normalize, num_classes)
+        metrics = {
+            "epoch": epoch,
+            "train/loss": loss_sum.item() / seen,
+            "train/acc": correct.item() / seen,
+            "val/loss": val["loss"],
+            "val/acc": val["acc"],
+            "diverged": 0.0,
+            "time/epoch_s": time.perf_counter() - t0,
+            "throughput/train_img_s": seen / train_s,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if epoch == cfg.epochs:
+            test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
+            metrics["test/loss"] = test["loss"]
+            metrics["test/acc"] = test["acc"]
+            for name, acc in zip(data.classes, test["per_class"], strict=True):
+                metrics[f"test/acc/{name}"] = acc
+            metrics["_confusion"] = test["confusion"]
+        if report is not None:
+            report(epoch, {k: v for k, v in metrics.items() if not k.startswith("_")}, _saver(checkpoint_state, epoch))
+
+    result = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    result.update(
+        status=status,
+        epochs=metrics.get("epoch", start_epoch),
+        seconds=elapsed_before + time.perf_counter() - started,
+        classes=data.classes,
+        confusion=metrics.get("_confusion"),
+    )
+    return result
+
+
+def _saver(state_fn: Callable[[int], dict], epoch: int) -> SaveCheckpoint:
+    def save(path: str | os.PathLike) -> None:
+        save_checkpoint(state_fn(epoch), path)
+
+    return save
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    # weights_only=False: the RNG state holds Python objects. Only load checkpoints you wrote.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, dict]:
+    """A checkpoint's model in eval mode, its config, and its classes and normalization."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = model_for(cfg, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, cfg, {"classes": state["classes"], **state["normalization"]}

@@ -1,0 +1,140 @@
+"""Small synthetic data sets written in the real on-disk layouts, with corrupt files mixed in."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnclf.data import CIFAR10_CLASSES
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def class_image(label: int, n_classes: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A noisy image whose mean colour and stripe direction give away its class: learnable fast."""
+    w, h = size
+    hue = np.array([np.cos(2 * np.pi * label / n_classes), np.sin(2 * np.pi * label / n_classes), (label % 2) - 0.5])
+    img = 128 + 90 * hue[None, None, :] + rng.normal(0, 25, (h, w, 3))
+    if label % 2:
+        img[::4, :, :] += 40
+    else:
+        img[:, ::4, :] += 40
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, arr: np.ndarray, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None))
+
+
+def add_corrupt_files(folder: Path, prefix: str = "") -> list[str]:
+    """Zero-byte, truncated JPEG, text file and Thumbs.db; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    good = io.BytesIO()
+    Image.fromarray(class_image(0, 2, (40, 30), rng)).save(good, format="JPEG")
+    files = {
+        f"{prefix}empty.jpg": b"",
+        f"{prefix}truncated.jpg": good.getvalue()[: len(good.getvalue()) // 2],
+        f"{prefix}notes.jpg": b"this is not an image\n",
+        "Thumbs.db": b"\xd0\xcf\x11\xe0" + b"\x00" * 100,
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return sorted(files)
+
+
+@pytest.fixture
+def cifar_tree(tmp_path: Path) -> Path:
+    """`root/{train,test}/<class>/*` with 12 train and 4 test images per class, PNG and JPEG."""
+    root = tmp_path / "cifar10-jpg"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                ext = ".png" if i % 3 == 0 else ".jpg"
+                write_image(root / split / name / f"{i:04d}{ext}", class_image(c, 10, (32, 32), rng))
+    add_corrupt_files(root / "train" / "cat")
+    return root
+
+
+def write_cifar_batches(root: Path, n_train: int = 100, n_test: int = 20) -> Path:
+    """torchvision's `cifar-10-batches-py` pickles with synthetic pixels."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict:
+        labels = [i % 10 for i in range(n)]
+        data = np.stack([class_image(c, 10, (32, 32), rng).transpose(2, 0, 1).reshape(-1) for c in labels])
+        return {"data": data, "labels": labels}
+
+    for i in range(1, 6):
+        with open(d / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(n_train // 5), f)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_CLASSES}, f)
+    return d
+
+
+@pytest.fixture
+def kaggle_flat(tmp_path: Path) -> Path:
+    """Kaggle's `dogs-vs-cats/train/{cat,dog}.N.jpg`, photos of assorted sizes, plus corrupt files."""
+    root = tmp_path / "dogs-vs-cats"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        for i in range(30):
+            size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+            write_image(root / "train" / f"{name}.{i}.jpg", class_image(label, 2, size, rng))
+    add_corrupt_files(root / "train", prefix="cat.")
+    (root / "test1").mkdir()
+    write_image(root / "test1" / "1.jpg", class_image(0, 2, (50, 50), rng))  # Kaggle's unlabelled test set
+    return root
+
+
+def write_petimages(root: Path, n: int = 20) -> Path:
+    """Microsoft's `PetImages/{Cat,Dog}/N.jpg`, with the kinds of broken files the real archive has."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("Cat", "Dog")):
+        for i in range(n):
+            size = (int(rng.integers(60, 160)), int(rng.integers(60, 160)))
+            arr = class_image(label, 2, size, rng)
+            if i == 1:  # a greyscale photo and (below) a PNG named .jpg: both readable, both kept
+                (root / "PetImages" / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).convert("L").save(root / "PetImages" / name / f"{i}.jpg", format="JPEG")
+            elif i == 2:
+                write_image(root / "PetImages" / name / f"{i}.jpg", arr, fmt="PNG")
+            else:
+                write_image(root / "PetImages" / name / f"{i}.jpg", arr)
+    add_corrupt_files(root / "PetImages" / "Dog")
+    return root / "PetImages"
+
+
+def tar_gz(src_dir: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src_dir, arcname=src_dir.name)
+    return archive
+
+
+def zip_dir(src_dir: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(src_dir.rglob("*")):
+            zf.write(p, p.relative_to(src_dir.parent))
+    return archive
