@@ -70,7 +70,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 128])
-    p.add_argument("--images", type=int, default=0, help="images timed per loop (default: 6000 at batch < 32, else 30000)")
+    p.add_argument(
+        "--images", type=int, default=0, help="images timed per loop (default: 6000 at batch < 32, else 30000)"
+    )
     p.add_argument("--preset", default="cifar10-seed", help="model/optimizer to time (default: the tutorial net)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -81,8 +83,13 @@ def main() -> None:
         n = args.images or (6000 if bs < 32 else 30000)
         seed = seed_style_img_s(args.data_dir, bs, n, device, args.preset)
         ours = cnnclf_img_s(args.data_dir, bs, n, device, args.preset)
-        rows.append({"batch_size": bs, "seed_img_s": round(seed), "cnnclf_img_s": round(ours), "ratio": round(ours / seed, 2)})
-        print(f"batch {bs:4d}: seed-style {seed:8.0f} img/s   cnnclf {ours:8.0f} img/s   ratio {ours / seed:5.2f}x", flush=True)
+        rows.append(
+            {"batch_size": bs, "seed_img_s": round(seed), "cnnclf_img_s": round(ours), "ratio": round(ours / seed, 2)}
+        )
+        print(
+            f"batch {bs:4d}: seed-style {seed:8.0f} img/s   cnnclf {ours:8.0f} img/s   ratio {ours / seed:5.2f}x",
+            flush=True,
+        )
     print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": args.preset, "rows": rows}))
 
 

@@ -200,13 +200,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     try:
         model, cfg, meta = load_model(args.checkpoint, device)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input
+    except Exception as e:
         raise UsageError(f"argument --checkpoint: {args.checkpoint} is not a cnnclf checkpoint ({e})") from None
     images = []
     for path in args.images:
         try:
             images.append(torch.from_numpy(decode_image(path, cfg.image_size)).permute(2, 0, 1))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
     normalize = Normalizer(meta["mean"], meta["std"], device)
     with torch.no_grad():

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -293,7 +292,7 @@ def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
         if path.stat().st_size == 0:
             return "zero-byte file"
         return decode_image(path, size)
-    except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and recorded, never fatal
+    except Exception as e:
         return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
@@ -318,16 +317,14 @@ def _cache_dir(base: Path) -> Path:
     return d
 
 
-def decode_source(
-    source: Source, base: Path, size: int, task: str, progress: bool = True
-) -> dict:
+def decode_source(source: Source, base: Path, size: int, task: str, progress: bool = True) -> dict:
     """Decode every file once (cached); returns x, y, group ("train"/"test" per image), files, skipped."""
     key = _cache_key(source, base, size)
     cache = _cache_dir(base) / f"{task}-{size}px-{key}.pt"
     if cache.exists():
         try:
             return torch.load(cache, weights_only=True)
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, not fatal
+        except Exception:
             cache.unlink(missing_ok=True)
     from tqdm.auto import tqdm
 
@@ -372,8 +369,10 @@ def _load_torchvision_cifar10(d: Path) -> dict:
 
     try:
         parts = [_CIFAR10(str(d), train=train, download=False) for train in (True, False)]
-    except Exception as e:  # noqa: BLE001 - a damaged batch file is unusable input
-        raise DataError(f"{d / CIFAR10.base_folder} is damaged ({type(e).__name__}: {e}); delete it to re-download") from None
+    except Exception as e:
+        raise DataError(
+            f"{d / CIFAR10.base_folder} is damaged ({type(e).__name__}: {e}); delete it to re-download"
+        ) from None
     x = np.concatenate([p.data for p in parts])  # (N, 32, 32, 3) uint8
     return {
         "x": torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
@@ -396,7 +395,7 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     for c in torch.unique(y).tolist():
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n = int(round(fraction * len(idx)))
+        n = round(fraction * len(idx))
         n = min(max(n, 1), len(idx) - 1) if len(idx) > 1 else 0
         split.append(idx[:n])
         keep.append(idx[n:])
@@ -481,7 +480,9 @@ def load_task(
     if len(train_idx) == 0 or len(val_idx) == 0 or len(test_idx) == 0:
         raise DataError(f"too few readable {task} images under {root} to split into train/val/test")
 
-    split_files = {k: [files[i] for i in idx.tolist()] for k, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
+    split_files = {
+        k: [files[i] for i in idx.tolist()] for k, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))
+    }
     manifest = {
         "task": task,
         "root": str(root.resolve()),
@@ -588,7 +589,10 @@ def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def random_resized_crop(
-    x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    x: torch.Tensor,
+    g: torch.Generator,
+    scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
     """torchvision's RandomResizedCrop + horizontal flip for a whole batch, as one grid_sample.
 

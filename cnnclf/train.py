@@ -200,7 +200,9 @@ def train(
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         diverged = False
-        for step, (xb, yb) in enumerate(train_batches(data.train_x, data.train_y, cfg.batch_size, normalize, augment, g)):
+        for step, (xb, yb) in enumerate(
+            train_batches(data.train_x, data.train_y, cfg.batch_size, normalize, augment, g)
+        ):
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device):

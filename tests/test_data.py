@@ -23,7 +23,15 @@ from cnnclf.data import (
     stratified_split,
     train_batches,
 )
-from tests.conftest import add_corrupt_files, class_image, tar_gz, write_cifar_batches, write_image, write_petimages, zip_dir
+from tests.conftest import (
+    add_corrupt_files,
+    class_image,
+    tar_gz,
+    write_cifar_batches,
+    write_image,
+    write_petimages,
+    zip_dir,
+)
 
 
 def _load(task, root, **kw):
@@ -97,7 +105,10 @@ def test_decode_cache_is_reused_and_keyed_by_file_list(cifar_tree: Path, monkeyp
     again = _load("cifar10", cifar_tree)
     assert torch.equal(first.train_x, again.train_x)
     monkeypatch.undo()
-    write_image(cifar_tree / "train" / "dog" / "extra.png", class_image(5, 10, (32, 32), __import__("numpy").random.default_rng(0)))
+    write_image(
+        cifar_tree / "train" / "dog" / "extra.png",
+        class_image(5, 10, (32, 32), __import__("numpy").random.default_rng(0)),
+    )
     grown = _load("cifar10", cifar_tree)
     assert len(grown.train_y) + len(grown.val_y) == len(first.train_y) + len(first.val_y) + 1
     assert len(list((cifar_tree / ".cnnclf-cache").glob("cifar10-32px-*.pt"))) == 2
@@ -246,9 +257,7 @@ def test_random_crop_is_a_shifted_window():
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for b in range(2):
-        assert any(
-            torch.equal(out[b, 0], padded[b, 0, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5)
-        )
+        assert any(torch.equal(out[b, 0], padded[b, 0, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5))
 
 
 def test_random_flip_flips_about_half():

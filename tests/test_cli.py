@@ -1,0 +1,142 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors, --json output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--model", "cnn", "--depth", "2", "--width", "8", "--batch-size", "32", "--normalize", "dataset"]
+
+
+def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cnnclf", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import numpy as np
+
+    from cnnclf.data import CIFAR10_CLASSES
+    from tests.conftest import add_corrupt_files, class_image, write_image
+
+    root = tmp_path_factory.mktemp("cli") / "cifar"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 5)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    add_corrupt_files(root / "train" / "dog")
+    ckpt = root.parent / "model.pt"
+    r = cli("train", "--task", "cifar10", "--data-dir", root, *SMALL, "--epochs", "3", "--lr", "0.005",
+            "--no-download", "--save", ckpt, "--json")  # fmt: skip
+    return root, ckpt, r
+
+
+def test_train_json_last_line_and_save(trained):
+    _root, ckpt, r = trained
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("val/acc", "test/acc", "test/acc/cat", "test/acc/truck", "throughput/train_img_s", "epochs", "seconds"):
+        assert key in out, key
+    assert out["epochs"] == 3 and out["status"] == "completed" and out["val/acc"] > 0.5
+    assert out["config"]["depth"] == 2 and out["config"]["model"] == "cnn"
+    assert ckpt.is_file()
+    assert "4 files skipped" in r.stderr and "epochs" in r.stderr  # data summary and progress bar
+
+
+def test_predict_prints_class_and_probability(trained):
+    root, ckpt, _ = trained
+    imgs = [root / "test" / "ship" / "0.png", root / "test" / "frog" / "1.png"]
+    r = cli("predict", "--checkpoint", ckpt, *imgs, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["image"] for row in rows] == [str(p) for p in imgs]
+    assert all(0 < row["probability"] <= 1 for row in rows)
+    assert [row["class"] for row in rows] == ["ship", "frog"]
+    plain = cli("predict", "--checkpoint", ckpt, imgs[0])
+    assert plain.returncode == 0 and plain.stdout.strip().split("\t")[1] == "ship"
+
+
+def test_flags_override_the_preset(trained):
+    root, _, _ = trained
+    r = cli("train", "--task", "cifar10", "--preset", "cifar10-seed-sgd", "--epochs", "1", "--batch-size", "16",
+            "--data-dir", root, "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout.strip().splitlines()[-1])["config"]
+    assert cfg["model"] == "tutorial" and cfg["optimizer"] == "sgd" and cfg["epochs"] == 1 and cfg["batch_size"] == 16
+
+
+def test_diverged_run_exits_1_with_a_reason(trained):
+    root, _, _ = trained
+    r = cli("train", "--task", "cifar10", "--model", "tutorial", "--optimizer", "sgd", "--lr", "50", "--epochs", "3",
+            "--batch-size", "8", "--data-dir", root, "--json")  # fmt: skip
+    assert r.returncode == 1
+    assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "diverged"
+    assert "diverged at epoch 1" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--task", "cifar10", "--lr", "abc"], "--lr"),
+        (["train", "--task", "cifar10", "--lr", "-1"], "--lr"),
+        (["train", "--task", "mnist"], "--task"),
+        (["train", "--task", "cifar10", "--kernel-size", "4"], "--kernel-size"),
+        (["train", "--task", "cifar10", "--depth", "99"], "--depth"),
+        (["train", "--task", "cifar10", "--momentum", "1.5"], "--momentum"),
+        (["train", "--task", "cifar10", "--preset", "catdog-seed"], "--preset"),
+        (["train", "--task", "cifar10", "--preset", "nope"], "--preset"),
+        (["train", "--task", "cifar10", "--optimizer", "sgd", "--amsgrad"], "--amsgrad"),
+        (["train", "--task", "cifar10", "--bogus"], "--bogus"),
+        (["predict", "--checkpoint", "/nonexistent.pt", "x.jpg"], "--checkpoint"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_missing_data_with_no_download(tmp_path):
+    r = cli("train", "--task", "catdog", "--data-dir", tmp_path / "none", "--no-download")
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert str(tmp_path / "none") in line and "--no-download" in line
+
+
+def test_failed_download_blames_network_and_leaves_nothing(tmp_path):
+    r = cli("train", "--task", "cifar10", "--data-dir", tmp_path / "d",
+            env={"CNNCLF_CIFAR10_URL": "http://127.0.0.1:9/cifar-10-python.tar.gz"})  # fmt: skip
+    assert r.returncode == 2
+    assert "network is the likely cause" in r.stderr.strip().splitlines()[-1]
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_predict_unreadable_image_and_checkpoint(trained, tmp_path):
+    _, ckpt, _ = trained
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    r = cli("predict", "--checkpoint", ckpt, bad)
+    assert r.returncode == 2 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("predict", "--checkpoint", bad, bad)
+    assert r.returncode == 2 and "not a cnnclf checkpoint" in r.stderr
+
+
+def test_cuda_requested_without_cuda(trained):
+    root, _, _ = trained
+    r = cli("train", "--task", "cifar10", "--data-dir", root, "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "--device" in r.stderr

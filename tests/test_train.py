@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnnclf.config import PRESETS, ConfigError, TrainConfig
+from cnnclf.data import Normalizer, TaskData
+from cnnclf.train import evaluate, load_model, lr_factor, train
+from tests.conftest import class_image
+
+METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "epoch", "time/epoch_s", "throughput/train_img_s"}
+
+
+def synthetic(n_train=400, n_eval=100, classes=4, size=32, seed=0) -> TaskData:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = torch.arange(n) % classes
+        x = torch.stack([torch.from_numpy(class_image(int(c), classes, (size, size), rng)).permute(2, 0, 1) for c in y])
+        return x, y
+
+    (tx, ty), (vx, vy), (sx, sy) = make(n_train), make(n_eval), make(n_eval)
+    return TaskData("cifar10", [f"c{i}" for i in range(classes)], tx, ty, vx, vy, sx, sy)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = TrainConfig(model="cnn", depth=2, width=8, batch_size=32, epochs=1, optimizer="adam", lr=3e-3)
+    return base.replace(**kw)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, epoch, metrics, save):
+        self.calls.append((epoch, dict(metrics), save))
+
+
+def test_one_epoch_learns_well_above_chance():
+    rec = Recorder()
+    result = train(small_cfg(), synthetic(), rec, device="cpu")
+    assert result["status"] == "completed"
+    assert [c[0] for c in rec.calls] == [1]
+    _epoch, metrics, save = rec.calls[0]
+    assert set(metrics) >= METRICS and callable(save)
+    assert {"test/acc", "test/acc/c0", "test/acc/c3"} <= set(metrics)
+    assert metrics["val/acc"] > 0.8  # chance is 0.25
+    assert result["test/acc"] == metrics["test/acc"] and len(result["confusion"]) == 4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("model", ["tutorial", "cnn"])
+def test_every_optimizer_and_model_trains(optimizer, model):
+    cfg = small_cfg(
+        optimizer=optimizer,
+        model=model,
+        lr=0.05 if optimizer == "sgd" else 3e-3,
+        amsgrad=optimizer != "sgd",
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_epochs=0.5,
+        label_smoothing=0.1,
+    )
+    result = train(cfg, synthetic(n_train=128, n_eval=32), device="cpu")
+    assert result["status"] == "completed" and math.isfinite(result["train/loss"])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    data = synthetic(n_train=256, n_eval=64)
+    cfg = small_cfg(epochs=3, schedule="cosine", warmup_epochs=1, augment="crop-flip")
+    full = train(cfg, data, device="cpu")
+
+    ckpt = tmp_path / "epoch1.pt"
+
+    def stop_after_first(epoch, metrics, save):
+        if epoch == 1:
+            save(ckpt)
+            raise KeyboardInterrupt  # an interruption right after the checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, stop_after_first, device="cpu")
+    rec = Recorder()
+    resumed = train(cfg, data, rec, device="cpu", resume=ckpt)
+    assert [c[0] for c in rec.calls] == [2, 3]
+    for k in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+
+
+def test_divergence_stops_at_first_nonfinite_loss():
+    rec = Recorder()
+    cfg = small_cfg(model="tutorial", optimizer="sgd", lr=50.0, momentum=0.9, epochs=5, batch_size=8)
+    result = train(cfg, synthetic(n_train=400), rec, device="cpu")
+    assert result["status"] == "diverged"
+    assert len(rec.calls) == 1  # it stopped in the epoch it diverged in
+    _epoch, metrics, save = rec.calls[0]
+    assert metrics["diverged"] == 1.0 and math.isnan(metrics["val/acc"]) and save is None
+    assert "test/acc" not in result
+
+
+def test_checkpoint_loads_for_prediction(tmp_path):
+    data = synthetic()
+    path = tmp_path / "m.pt"
+    train(small_cfg(), data, lambda e, m, save: save(path), device="cpu")
+    model, cfg, meta = load_model(path)
+    assert cfg == small_cfg() and meta["classes"] == data.classes
+    norm = Normalizer(meta["mean"], meta["std"], torch.device("cpu"))
+    acc = (model(norm(data.test_x)).argmax(1) == data.test_y).float().mean().item()
+    assert acc > 0.8
+
+
+def test_evaluate_confusion_and_per_class():
+    class Always1(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[:, 1] = 1
+            return out
+
+    x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 1, 2, 2, 2])
+    r = evaluate(Always1(), x, y, Normalizer((0, 0, 0), (1, 1, 1), torch.device("cpu")), 3, batch_size=4)
+    assert r["acc"] == pytest.approx(2 / 6)
+    assert r["per_class"] == [0.0, 1.0, 0.0]
+    assert r["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 3, 0]]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_factor(small_cfg(epochs=10, schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(99) < 0.01
+    assert lr_factor(small_cfg(), 10)(5) == 1.0
+
+
+def test_config_rejects_bad_values_and_unknown_fields():
+    with pytest.raises(ConfigError, match="lr"):
+        small_cfg(lr=-1)
+    with pytest.raises(ConfigError, match="kernel_size"):
+        small_cfg(kernel_size=4)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        small_cfg(learning_rate=0.1)
+    assert TrainConfig.from_dict(PRESETS["catdog-seed"].to_dict()) == PRESETS["catdog-seed"]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_trains():
+    result = train(small_cfg(epochs=2), synthetic(), device="cuda")
+    assert result["status"] == "completed" and result["val/acc"] > 0.8
