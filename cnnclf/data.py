@@ -421,6 +421,7 @@ def load_task(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     subset: int | None = None,
+    eval_subset: int | None = None,
     seed: int = 0,
     download_missing: bool = True,
     progress: bool = True,
@@ -430,7 +431,8 @@ def load_task(
     val: `val_fraction` of the labelled training images, stratified. test: the data
     set's own labelled test set, or else (Kaggle Cat/Dog, PetImages) a stratified
     `test_fraction` of all images, carved out before the validation split.
-    `subset` keeps that many training images; val and test stay whole.
+    `subset` keeps that many training images; val and test stay whole unless
+    `eval_subset` caps them too (smoke tests).
     """
     if task not in CLASSES:
         raise DataError(f"unknown task {task!r}; expected one of {', '.join(CLASSES)}")
@@ -477,6 +479,9 @@ def load_task(
     train_idx, val_idx = pool_idx[keep], pool_idx[val]
     if subset is not None:
         train_idx = train_idx[stratified_subset(y[train_idx], subset, seed=30_000 + seed)]
+    if eval_subset is not None:
+        val_idx = val_idx[stratified_subset(y[val_idx], eval_subset, seed=40_000 + seed)]
+        test_idx = test_idx[stratified_subset(y[test_idx], eval_subset, seed=50_000 + seed)]
     if len(train_idx) == 0 or len(val_idx) == 0 or len(test_idx) == 0:
         raise DataError(f"too few readable {task} images under {root} to split into train/val/test")
 

@@ -1,0 +1,434 @@
+"""The shared sweep machinery: Ray Tune runs `cnnclf.train` trials, Optuna proposes them, MLflow records them.
+
+`sweeps/cifar10.py` and `sweeps/catdog.py` are thin scripts that hand a `TaskSpec`
+(search ranges, seed baseline, base config) to `main()`.
+
+Data flow: the driver decodes the data once (cnnclf's cache), puts it into the Ray
+object store through `tune.with_parameters`, and each trial moves it to its device
+once. Trials report every epoch to Tune with a checkpoint; a driver-side Tune
+callback (`MLflowCallback`) writes one parent run per sweep and one nested child run
+per trial, so only the driver ever touches the tracking store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnclf.config import ConfigError, TrainConfig
+
+METRIC, MODE = "val/acc", "max"
+SEARCH_PARAMS = (
+    "optimizer",
+    "lr",
+    "momentum",
+    "amsgrad",
+    "weight_decay",
+    "batch_size",
+    "depth",
+    "kernel_size",
+    "width",
+)
+METRIC_PREFIXES = ("train/", "val/", "test/", "time/", "throughput/", "resources/")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad flags or unusable input: exit 2 with this one-line message, before Ray starts."""
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """A task's search ranges (documented in each script's docstring)."""
+
+    lr_sgd: tuple[float, float]  # log-uniform
+    lr_adam: tuple[float, float]  # log-uniform, adam and adamw
+    momentum: tuple[float, float]  # uniform, sgd only
+    weight_decay: tuple[float, float]  # log-uniform
+    batch_size: tuple[int, ...]
+    depth: tuple[int, int]  # inclusive
+    kernel_size: tuple[int, ...]
+    width: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    base: TrainConfig  # every search trial is base.replace(**suggested)
+    baseline: TrainConfig  # the seed, re-measured in the same sweep
+    ranges: Ranges
+    smoke_ranges: Ranges  # --smoke-test: small nets only, so it takes about a minute on a CPU
+    smoke_image_size: int
+    default_max_epochs: int
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def parse_fix(items: list[str], base: TrainConfig) -> dict:
+    """`--fix name=value` pairs, typed by TrainConfig's field; raises UsageError on a bad name or value."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    allowed = sorted(set(types) - {"task", "tags", "subset", "seed"})
+    fixed: dict = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not raw:
+            raise UsageError(f"argument --fix: expected name=value, got {item!r}")
+        if name not in allowed:
+            raise UsageError(f"argument --fix: unknown parameter {name!r}; known: {', '.join(allowed)}")
+        kind = str(types[name])
+        try:
+            if "bool" in kind:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("true", "1", "yes")
+            elif "int" in kind:
+                value = int(raw)
+            elif "float" in kind:
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise UsageError(f"argument --fix: {name}={raw!r} is not a valid {kind}") from None
+        fixed[name] = value
+    try:
+        base.replace(**fixed)
+    except ConfigError as e:
+        raise UsageError(f"argument --fix: {e}") from None
+    if fixed.get("optimizer") == "sgd" and "amsgrad" in fixed:
+        raise UsageError("argument --fix: amsgrad only applies to adam and adamw")
+    if fixed.get("optimizer") in ("adam", "adamw") and "momentum" in fixed:
+        raise UsageError("argument --fix: momentum only applies to sgd")
+    return fixed
+
+
+def trial_config(config: dict, base: TrainConfig, baseline: TrainConfig) -> TrainConfig:
+    """A Tune trial's config dict -> the TrainConfig it trains (unknown keys fail loudly)."""
+    params = {k: v for k, v in config.items() if k != "role"}
+    return (baseline if config.get("role") == "baseline" else base).replace(**params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable: runs in a Ray worker.
+
+
+def run_trial(config: dict, data: dict | None = None, base: TrainConfig | None = None,
+              baseline: TrainConfig | None = None) -> None:  # fmt: skip
+    import ray
+    import torch
+    from ray import tune
+
+    from cnnclf.data import TaskData
+    from cnnclf.train import load_checkpoint, train
+
+    cfg = trial_config(config, base, baseline)
+    ctx = ray.get_runtime_context()
+    assigned = ctx.get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # object-store arrays are read-only; nothing writes to them
+        task_data = TaskData(**{k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in data.items()})
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_checkpoint(Path(d) / "checkpoint.pt")
+    extra = {"resources/gpu": float(assigned.get("GPU", 0)), "resources/cpu": float(assigned.get("CPU", 0)),
+             "node_id": ctx.get_node_id()}  # fmt: skip
+
+    def report(epoch: int, metrics: dict, save) -> None:
+        m = {**metrics, **extra}
+        if m.get("diverged"):
+            # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
+            # one; with 0.0 both treat the trial as the worst, and TPE learns to avoid it.
+            m[METRIC] = 0.0
+            m["val/loss"] = float("inf")
+            m["train/loss"] = float("inf")
+        if save is None:
+            tune.report(m)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save(Path(d) / "checkpoint.pt")
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+
+    train(cfg, task_data, report, device=device, resume=resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver.
+
+
+def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:
+            raise UsageError(message)
+
+    p = Parser(
+        prog=f"sweeps/{spec.task}.py",
+        description=f"Ray Tune + Optuna sweep of cnnclf on {spec.task}; every trial in MLflow.",
+        epilog=spec.doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--num-samples", type=int, default=40, help="search trials (the seed baseline runs on top)")
+    p.add_argument("--max-epochs", type=int, default=spec.default_max_epochs, help="epochs per trial; ASHA's max_t")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="fractional packs trials onto a GPU (0.25: four per GPU); default 0.5 with GPUs, else 0")  # fmt: skip
+    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
+    p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
+    p.add_argument("--ray-num-gpus", type=float, default=None, help=argparse.SUPPRESS)  # declare GPUs (tests)
+    p.add_argument("--storage-path", default="ray_results", help="local folder, NFS path or s3://bucket/prefix")
+    p.add_argument("--name", default=None, help="sweep name (default: task-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=spec.task)
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--subset", type=int, default=None, help="train on this many training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke-test", action="store_true", help="2 trials + baseline, 1 epoch, small subset")
+    p.add_argument("--out", type=Path, default=Path("reports/out"), help="best config (and report) go to OUT/<name>/")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    def need(ok: bool, flag: str, why: str) -> None:
+        if not ok:
+            raise UsageError(f"argument {flag}: {why}")
+
+    need(args.num_samples >= 1, "--num-samples", "expected >= 1")
+    need(args.max_epochs >= 1, "--max-epochs", "expected >= 1")
+    need(args.grace_period >= 1, "--grace-period", "expected >= 1")
+    need(args.cpus_per_trial > 0, "--cpus-per-trial", "expected > 0")
+    need(args.gpus_per_trial is None or args.gpus_per_trial >= 0, "--gpus-per-trial", "expected >= 0")
+    need(args.max_concurrent is None or args.max_concurrent >= 1, "--max-concurrent", "expected >= 1")
+    need(args.max_failures >= 0, "--max-failures", "expected >= 0")
+    need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")
+    need(not args.resume or args.name is not None, "--resume", "needs --name of the sweep to continue")
+    if args.name is not None:
+        need(all(c.isalnum() or c in "-_." for c in args.name), "--name", "letters, digits, '-', '_' and '.' only")
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast (exit 2) when the tracking store cannot be reached, before any training."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise UsageError(f"argument --tracking-uri: cannot reach {uri} ({getattr(e, 'reason', e)})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"argument --tracking-uri: {folder} is not a writable folder")
+    elif uri.startswith(("file:", "/", "./")) or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+
+
+def _storage_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
+    try:
+        return _main(spec, sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(spec: TaskSpec, argv: list[str]) -> int:
+    from cnnclf.data import DataError, load_task
+
+    args = build_parser(spec).parse_args(argv)
+    check_args(args)
+    ranges = spec.ranges
+    base = spec.base.replace(epochs=args.max_epochs, seed=args.seed)
+    subset, eval_subset = args.subset, None
+    if args.smoke_test:
+        args.num_samples, args.max_epochs, ranges = 2, 1, spec.smoke_ranges
+        base = base.replace(epochs=1, image_size=spec.smoke_image_size)
+        subset, eval_subset = subset or 256, 128
+    fixed = parse_fix(args.fix, base)
+    base = base.replace(**{k: v for k, v in fixed.items() if k not in SEARCH_PARAMS})
+    baseline = spec.baseline.replace(
+        epochs=min(spec.baseline.epochs, args.max_epochs), image_size=base.image_size, seed=args.seed
+    )
+    name = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = _storage_uri(args.storage_path)
+    check_tracking(args.tracking_uri)
+    if args.resume and not _can_restore(storage, name):
+        raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
+    if not args.resume and "://" not in storage and (Path(storage) / name).exists():
+        raise UsageError(f"argument --name: a sweep named {name!r} already exists under {storage}; add --resume")
+
+    try:
+        data = load_task(
+            spec.task, args.data_dir, image_size=base.image_size, val_fraction=base.val_fraction,
+            test_fraction=base.test_fraction, subset=subset, seed=args.seed, download_missing=not args.no_download,
+            eval_subset=eval_subset,
+        )  # fmt: skip
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    print(
+        f"{spec.task}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test images "
+        f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
+        flush=True,
+    )
+    return run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data)
+
+
+def _can_restore(storage: str, name: str) -> bool:
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}")
+    except Exception:
+        return False
+
+
+def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) -> int:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from sweeps.search import Space, make_searcher
+    from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA, summarize
+
+    os.environ.setdefault(
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"
+    )  # we checkpoint every epoch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    init_kw: dict = {"include_dashboard": False, "log_to_driver": False} if args.address is None else {}
+    if args.address:
+        init_kw["address"] = args.address
+    if args.ray_num_gpus is not None:
+        init_kw["num_gpus"] = args.ray_num_gpus
+    ray.init(**init_kw)
+    try:
+        gpus_available = ray.cluster_resources().get("GPU", 0)
+        gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus_available else 0.0)
+        if gpus > 0 and not gpus_available:
+            raise UsageError("argument --gpus-per-trial: the Ray cluster has no GPUs")
+        arrays = {
+            f.name: getattr(data, f.name).numpy() if hasattr(getattr(data, f.name), "numpy") else getattr(data, f.name)
+            for f in dataclasses.fields(data)
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, data=arrays, base=base, baseline=baseline),
+            {"cpu": args.cpus_per_trial, "gpu": gpus},
+        )
+        with_baseline = not args.no_baseline
+        total = args.num_samples + (1 if with_baseline else 0)
+        argv_resume = [a for a in sys.argv[1:] if a != "--resume"]
+        if "--name" not in argv_resume:
+            argv_resume += ["--name", name]
+        resume_cmd = shlex.join([sys.executable, sys.argv[0], *argv_resume, "--resume"])
+        mlflow_cb = MLflowCallback(
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            sweep=name,
+            base=base,
+            baseline=baseline,
+            sweep_params={k: (str(v) if not isinstance(v, int | float | str) else v) for k, v in vars(args).items()},
+        )
+        progress = ProgressCallback(total=total, max_epochs=args.max_epochs, base=base, baseline=baseline)
+        path = f"{storage.rstrip('/')}/{name}"
+        if args.resume:
+            print(f"resuming sweep {name} from {path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            # Tune unpickles the callbacks of the first run; use this run's, so the driver sees what they saw.
+            tuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress]
+        else:
+            baseline_cfg = None
+            if with_baseline:
+                baseline_cfg = {k: v for k, v in baseline.to_dict().items() if k in _baseline_keys()}
+                baseline_cfg["role"] = "baseline"
+            searcher = make_searcher(Space(ranges, fixed), baseline_cfg, args.seed, args.max_concurrent)
+            if args.scheduler == "asha":
+                scheduler = SweepASHA(
+                    time_attr="epoch", metric=METRIC, mode=MODE, max_t=args.max_epochs,
+                    grace_period=min(args.grace_period, args.max_epochs), reduction_factor=3,
+                )  # fmt: skip
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=total,
+                    reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    callbacks=[mlflow_cb, progress],
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                    ),  # the best checkpoint, and Tune always keeps the latest too
+                    verbose=0,
+                ),
+            )
+        interrupted = False
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            interrupted, results = True, None
+        statuses = mlflow_cb.trial_statuses
+        if len(statuses) < total or any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
+            interrupted = True  # Tune returns normally after Ctrl-C, with trials unfinished
+        mlflow_cb.close_orphans(interrupted=interrupted)
+        if interrupted:
+            print(f"\nsweep {name} interrupted; its state is saved. Resume with:\n  {resume_cmd}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        out_dir = args.out / name
+        summary = summarize(results, statuses, out_dir, mlflow_cb, base, baseline)
+        return EXIT_FAILED if summary["errored"] else EXIT_OK
+    finally:
+        ray.shutdown()
+
+
+def _trial_dirname(trial) -> str:
+    return f"{trial.config.get('role', 'trial')}-{trial.trial_id}"  # Tune's default packs the config into it
+
+
+def _baseline_keys() -> set[str]:
+    return {"model", "optimizer", "lr", "momentum", "nesterov", "amsgrad", "weight_decay", "batch_size", "epochs",
+            "schedule", "warmup_epochs", "label_smoothing", "depth", "kernel_size", "width", "normalize",
+            "augment"}  # fmt: skip
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def dump_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=str))
+    return path

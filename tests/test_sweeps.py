@@ -1,0 +1,218 @@
+"""Sweeps with real Ray Tune, real Optuna and real MLflow (SQLite in a temporary folder), on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnclf.config import TrainConfig
+from cnnclf.data import CIFAR10_CLASSES
+from sweeps.core import UsageError, parse_fix
+from sweeps.search import Space
+from tests.conftest import class_image, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweepdata") / "cifar"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def catdog_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweepdata") / "dogs-vs-cats"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        for i in range(40):
+            write_image(root / "train" / f"{name}.{i}.jpg", class_image(label, 2, (80, 60), rng))
+    return root
+
+
+def sweep(script: str, tmp: Path, *args, timeout=420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / f"{script}.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def common(tmp: Path, name: str) -> list[str]:
+    return ["--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", tmp / "ray_results",
+            "--name", name, "--out", tmp / "out", "--no-download"]  # fmt: skip
+
+
+def runs(tmp: Path, experiment: str, sweep_name: str):
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    all_runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep_name}'", max_results=1000)
+    parents = [r for r in all_runs if r.data.tags["role"] == "sweep"]
+    children = [r for r in all_runs if r.data.tags["role"] != "sweep"]
+    return client, parents, children
+
+
+# --- the search space and flags (no Ray) -------------------------------------------------------
+
+
+def test_space_is_conditional():
+    from sweeps.cifar10 import SPEC
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    space = Space(SPEC.ranges, {})
+    seen = set()
+    for _ in range(60):
+        params = space(study.ask())
+        seen.add(params["optimizer"])
+        if params["optimizer"] == "sgd":
+            assert "momentum" in params and "amsgrad" not in params
+            assert SPEC.ranges.lr_sgd[0] <= params["lr"] <= SPEC.ranges.lr_sgd[1]
+        else:
+            assert "amsgrad" in params and "momentum" not in params
+            assert SPEC.ranges.lr_adam[0] <= params["lr"] <= SPEC.ranges.lr_adam[1]
+        assert params["batch_size"] in SPEC.ranges.batch_size and params["kernel_size"] in (3, 5, 7)
+    assert seen == {"sgd", "adam", "adamw"}
+
+
+def test_fixed_parameters_are_not_searched():
+    from sweeps.catdog import SPEC
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    params = Space(SPEC.ranges, {"optimizer": "sgd", "lr": 0.05, "label_smoothing": 0.1})(trial)
+    assert params["optimizer"] == "sgd" and params["lr"] == 0.05 and params["label_smoothing"] == 0.1
+    assert "optimizer" not in trial.params and "lr" not in trial.params and "momentum" in trial.params
+
+
+def test_parse_fix_types_and_errors():
+    base = TrainConfig()
+    assert parse_fix(["lr=0.1", "amsgrad=true", "depth=3", "optimizer=adamw"], base) == {
+        "lr": 0.1, "amsgrad": True, "depth": 3, "optimizer": "adamw"}  # fmt: skip
+    for bad, needle in [("learning_rate=1", "unknown parameter"), ("depth=x", "depth"), ("kernel_size=4", "kernel_size"),
+                        ("optimizer=lbfgs", "optimizer"), ("lr", "name=value")]:  # fmt: skip
+        with pytest.raises(UsageError, match=needle):
+            parse_fix([bad], base)
+    with pytest.raises(UsageError, match="amsgrad only applies"):
+        parse_fix(["optimizer=sgd", "amsgrad=true"], base)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--fix", "colour=red"], "--fix"),
+        (["--fix", "batch_size=big"], "--fix"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--scheduler", "hyperband"], "--scheduler"),
+        (["--resume"], "--resume"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri"),
+        (["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+    ],
+)
+def test_bad_input_exits_2_before_ray(tmp_path, args, needle):
+    r = sweep("cifar10", tmp_path, "--no-download", *args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written: no mlflow.db, no ray_results
+
+
+# --- real sweeps ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
+    r = sweep("cifar10", tmp_path, "--smoke-test", "--data-dir", cifar_dir, *common(tmp_path, "smoke"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best:" in r.stdout and "reproduce: python -m cnnclf train" in r.stdout
+    client, parents, children = runs(tmp_path, "cifar10", "smoke")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["num_samples"] == "2"
+    assert len(children) == 3 and sorted(c.data.tags["role"] for c in children) == ["baseline", "trial", "trial"]
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert c.info.status == "FINISHED" and c.data.tags["status"] == "completed"
+        assert {"optimizer", "lr", "batch_size", "depth", "kernel_size", "width", "weight_decay"} <= set(c.data.params)
+        assert {"val/acc", "train/loss", "test/acc", "test/acc/cat"} <= set(c.data.metrics)
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "val/acc")] == [1]
+    baseline = next(c for c in children if c.data.tags["role"] == "baseline")
+    assert baseline.data.params["model"] == "tutorial" and baseline.data.params["batch_size"] == "4"
+    best = json.loads((tmp_path / "out" / "smoke" / "best_config.json").read_text())
+    assert best["config"]["model"] == "cnn" and best["command"].startswith("python -m cnnclf train --task cifar10")
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert "best_config.json" in artifacts and "best_model" in artifacts
+
+
+@pytest.mark.slow
+def test_smoke_sweep_catdog(tmp_path, catdog_dir):
+    r = sweep("catdog", tmp_path, "--smoke-test", "--data-dir", catdog_dir, *common(tmp_path, "cd"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    client, parents, children = runs(tmp_path, "catdog", "cd")
+    assert len(parents) == 1 and len(children) == 3
+    assert all(c.info.status == "FINISHED" for c in [*parents, *children])
+    assert all(c.data.params["image_size"] == "64" for c in children)
+    assert {"test/acc/cat", "test/acc/dog"} <= set(children[0].data.metrics)
+
+
+@pytest.mark.slow
+def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
+    # No GPU here: declare one to Ray, so the 0.5-GPU requests are scheduled as asked (two at a time).
+    r = sweep("cifar10", tmp_path, "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "2",
+              "--scheduler", "fifo", "--no-baseline", "--fix", "width=8", "--fix", "depth=2", "--fix", "batch_size=32",
+              "--ray-num-gpus", "1", "--gpus-per-trial", "0.5", *common(tmp_path, "gpu"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    client, parents, children = runs(tmp_path, "cifar10", "gpu")
+    assert len(children) == 2
+    for c in children:
+        assert c.data.metrics["resources/gpu"] == 0.5
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "val/acc")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2]
+        assert c.data.params["width"] == "8" and c.data.params["epochs"] == "2"
+    a, b = sorted(children, key=lambda c: c.info.start_time)
+    assert b.info.start_time < a.info.end_time  # both packed onto the one GPU at once
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_to_exactly_num_samples(tmp_path, cifar_dir):
+    args = ["--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "2", "--scheduler", "fifo",
+            "--max-concurrent", "1", "--fix", "width=8", "--fix", "depth=2", "--fix", "batch_size=16",
+            *common(tmp_path, "res")]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if "finished" in line or time.monotonic() > deadline:
+            break  # the first trial (the baseline) is done; others are pending
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in err
+    _, parents, children = runs(tmp_path, "cifar10", "res")
+    assert all(r.info.status != "RUNNING" for r in [*parents, *children])
+    assert len(children) < 4
+
+    r = sweep("cifar10", tmp_path, *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, parents, children = runs(tmp_path, "cifar10", "res")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len({c.data.tags["trial_id"] for c in children}) == len(children) == 4  # 3 + baseline, none twice
+    assert all(c.info.status == "FINISHED" for c in children)
+    summary = json.loads((tmp_path / "out" / "res" / "summary.json").read_text())
+    assert sum(summary["outcomes"].values()) == 4
