@@ -99,10 +99,27 @@ def build_parser() -> Parser:
 
 
 _FLAG_FIELDS = [
-    "model", "optimizer", "lr", "momentum", "nesterov", "amsgrad", "weight_decay", "batch_size", "epochs",
-    "schedule", "warmup_epochs", "label_smoothing", "depth", "kernel_size", "width", "image_size",
-    "normalize", "augment", "subset", "seed",
-]  # fmt: skip
+    "model",
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "amsgrad",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "depth",
+    "kernel_size",
+    "width",
+    "image_size",
+    "normalize",
+    "augment",
+    "subset",
+    "seed",
+]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -182,8 +199,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: dict) -> None:
-    print(f"val/acc {result['val/acc']:.4f}  test/acc {result['test/acc']:.4f}  "
-          f"{result['throughput/train_img_s']:.0f} train img/s  {result['seconds']:.1f} s")  # fmt: skip
+    print(
+        f"val/acc {result['val/acc']:.4f}  test/acc {result['test/acc']:.4f}  "
+        f"{result['throughput/train_img_s']:.0f} train img/s  {result['seconds']:.1f} s"
+    )
     print("per-class test accuracy:")
     for name in result["classes"]:
         print(f"  {name:<12s} {100 * result[f'test/acc/{name}']:5.1f}%")

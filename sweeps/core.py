@@ -122,8 +122,9 @@ def trial_config(config: dict, base: TrainConfig, baseline: TrainConfig) -> Trai
 # The trainable: runs in a Ray worker.
 
 
-def run_trial(config: dict, data: dict | None = None, base: TrainConfig | None = None,
-              baseline: TrainConfig | None = None) -> None:  # fmt: skip
+def run_trial(
+    config: dict, data: dict | None = None, base: TrainConfig | None = None, baseline: TrainConfig | None = None
+) -> None:
     import ray
     import torch
     from ray import tune
@@ -145,8 +146,11 @@ def run_trial(config: dict, data: dict | None = None, base: TrainConfig | None =
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(Path(d) / "checkpoint.pt")
-    extra = {"resources/gpu": float(assigned.get("GPU", 0)), "resources/cpu": float(assigned.get("CPU", 0)),
-             "node_id": ctx.get_node_id()}  # fmt: skip
+    extra = {
+        "resources/gpu": float(assigned.get("GPU", 0)),
+        "resources/cpu": float(assigned.get("CPU", 0)),
+        "node_id": ctx.get_node_id(),
+    }
 
     def report(epoch: int, metrics: dict, save) -> None:
         m = {**metrics, **extra}
@@ -188,8 +192,12 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="fractional packs trials onto a GPU (0.25: four per GPU); default 0.5 with GPUs, else 0")  # fmt: skip
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="fractional packs trials onto a GPU (0.25: four per GPU); default 0.5 with GPUs, else 0",
+    )
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
@@ -285,10 +293,16 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
 
     try:
         data = load_task(
-            spec.task, args.data_dir, image_size=base.image_size, val_fraction=base.val_fraction,
-            test_fraction=base.test_fraction, subset=subset, seed=args.seed, download_missing=not args.no_download,
+            spec.task,
+            args.data_dir,
+            image_size=base.image_size,
+            val_fraction=base.val_fraction,
+            test_fraction=base.test_fraction,
+            subset=subset,
+            seed=args.seed,
+            download_missing=not args.no_download,
             eval_subset=eval_subset,
-        )  # fmt: skip
+        )
     except DataError as e:
         raise UsageError(str(e)) from None
     print(
@@ -370,9 +384,13 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
             searcher = make_searcher(Space(ranges, fixed), baseline_cfg, args.seed, args.max_concurrent)
             if args.scheduler == "asha":
                 scheduler = SweepASHA(
-                    time_attr="epoch", metric=METRIC, mode=MODE, max_t=args.max_epochs,
-                    grace_period=min(args.grace_period, args.max_epochs), reduction_factor=3,
-                )  # fmt: skip
+                    time_attr="epoch",
+                    metric=METRIC,
+                    mode=MODE,
+                    max_t=args.max_epochs,
+                    grace_period=min(args.grace_period, args.max_epochs),
+                    reduction_factor=3,
+                )
             else:
                 scheduler = FIFOScheduler()
             tuner = tune.Tuner(
@@ -419,9 +437,25 @@ def _trial_dirname(trial) -> str:
 
 
 def _baseline_keys() -> set[str]:
-    return {"model", "optimizer", "lr", "momentum", "nesterov", "amsgrad", "weight_decay", "batch_size", "epochs",
-            "schedule", "warmup_epochs", "label_smoothing", "depth", "kernel_size", "width", "normalize",
-            "augment"}  # fmt: skip
+    return {
+        "model",
+        "optimizer",
+        "lr",
+        "momentum",
+        "nesterov",
+        "amsgrad",
+        "weight_decay",
+        "batch_size",
+        "epochs",
+        "schedule",
+        "warmup_epochs",
+        "label_smoothing",
+        "depth",
+        "kernel_size",
+        "width",
+        "normalize",
+        "augment",
+    }
 
 
 def finite(x) -> bool:

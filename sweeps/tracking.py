@@ -9,6 +9,7 @@ already logged are not logged twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -53,8 +54,15 @@ class SweepASHA(ASHAScheduler):
 class MLflowCallback(tune.Callback):
     """One parent run per sweep, one nested child run per trial; written from the driver only."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep: str, base: TrainConfig, baseline: TrainConfig,
-                 sweep_params: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep: str,
+        base: TrainConfig,
+        baseline: TrainConfig,
+        sweep_params: dict,
+    ) -> None:
         self.tracking_uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
         self.base, self.baseline, self.sweep_params = base, baseline, sweep_params
         self._client = None
@@ -204,10 +212,8 @@ class MLflowCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         msg = ""
         if trial.error_file:
-            try:
+            with contextlib.suppress(OSError):
                 msg = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
-            except OSError:
-                pass
         self._safe("finish run", self._finish, trial, "error", "FAILED", {"error": msg} if msg else {})
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -326,8 +332,9 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(args)
 
 
-def summarize(results, trials_status: dict, out_dir: Path, cb: MLflowCallback, base: TrainConfig,
-              baseline: TrainConfig) -> dict:  # fmt: skip
+def summarize(
+    results, trials_status: dict, out_dir: Path, cb: MLflowCallback, base: TrainConfig, baseline: TrainConfig
+) -> dict:
     """Print the top 5 and the baseline, save the best config as JSON, log both to the parent run."""
     rows = []
     for r in results:
@@ -343,9 +350,18 @@ def summarize(results, trials_status: dict, out_dir: Path, cb: MLflowCallback, b
             kind = "early_stopped"
         else:
             kind = "completed"
-        rows.append({"trial_id": trial_id, "role": role, "outcome": kind, "cfg": cfg, "result": r,
-                     "val/acc": m.get(METRIC) if kind not in ("diverged", "error") else None,
-                     "test/acc": m.get("test/acc"), "epochs": m.get("epoch")})  # fmt: skip
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "role": role,
+                "outcome": kind,
+                "cfg": cfg,
+                "result": r,
+                "val/acc": m.get(METRIC) if kind not in ("diverged", "error") else None,
+                "test/acc": m.get("test/acc"),
+                "epochs": m.get("epoch"),
+            }
+        )
     outcomes = {k: sum(r["outcome"] == k for r in rows) for k in ("completed", "early_stopped", "diverged", "error")}
     searched = [r for r in rows if r["role"] == "trial" and finite(r["val/acc"])]
     # The best: highest val/acc among trials that ran all their epochs (so it has a test/acc);
@@ -400,11 +416,16 @@ def summarize(results, trials_status: dict, out_dir: Path, cb: MLflowCallback, b
                     files.append(dst)
             except Exception as e:
                 print(f"warning: could not fetch the best checkpoint: {e}", file=sys.stderr)
-        print(f"best: {b['trial_id']} val/acc {b['val/acc']:.4f} test/acc "
-              f"{b['test/acc'] if b['test/acc'] is None else round(b['test/acc'], 4)}; config in {files[0]}")  # fmt: skip
+        print(
+            f"best: {b['trial_id']} val/acc {b['val/acc']:.4f} test/acc "
+            f"{b['test/acc'] if b['test/acc'] is None else round(b['test/acc'], 4)}; config in {files[0]}"
+        )
         print(f"reproduce: {best['command']}")
-    summary = {"outcomes": outcomes, "errored": outcomes["error"],
-               "baseline_test_acc": base_row["test/acc"] if base_row else None}  # fmt: skip
+    summary = {
+        "outcomes": outcomes,
+        "errored": outcomes["error"],
+        "baseline_test_acc": base_row["test/acc"] if base_row else None,
+    }
     cb.finish_parent(best, summary, files)
     dump_json({"outcomes": outcomes, "best": best, "trial_statuses": trials_status}, out_dir / "summary.json")
     return summary

@@ -38,8 +38,22 @@ def trained(tmp_path_factory):
                 write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
     add_corrupt_files(root / "train" / "dog")
     ckpt = root.parent / "model.pt"
-    r = cli("train", "--task", "cifar10", "--data-dir", root, *SMALL, "--epochs", "3", "--lr", "0.005",
-            "--no-download", "--save", ckpt, "--json")  # fmt: skip
+    r = cli(
+        "train",
+        "--task",
+        "cifar10",
+        "--data-dir",
+        root,
+        *SMALL,
+        "--epochs",
+        "3",
+        "--lr",
+        "0.005",
+        "--no-download",
+        "--save",
+        ckpt,
+        "--json",
+    )
     return root, ckpt, r
 
 
@@ -70,8 +84,20 @@ def test_predict_prints_class_and_probability(trained):
 
 def test_flags_override_the_preset(trained):
     root, _, _ = trained
-    r = cli("train", "--task", "cifar10", "--preset", "cifar10-seed-sgd", "--epochs", "1", "--batch-size", "16",
-            "--data-dir", root, "--json")  # fmt: skip
+    r = cli(
+        "train",
+        "--task",
+        "cifar10",
+        "--preset",
+        "cifar10-seed-sgd",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        root,
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout.strip().splitlines()[-1])["config"]
     assert cfg["model"] == "tutorial" and cfg["optimizer"] == "sgd" and cfg["epochs"] == 1 and cfg["batch_size"] == 16
@@ -79,8 +105,24 @@ def test_flags_override_the_preset(trained):
 
 def test_diverged_run_exits_1_with_a_reason(trained):
     root, _, _ = trained
-    r = cli("train", "--task", "cifar10", "--model", "tutorial", "--optimizer", "sgd", "--lr", "50", "--epochs", "3",
-            "--batch-size", "8", "--data-dir", root, "--json")  # fmt: skip
+    r = cli(
+        "train",
+        "--task",
+        "cifar10",
+        "--model",
+        "tutorial",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "50",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        root,
+        "--json",
+    )
     assert r.returncode == 1
     assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "diverged"
     assert "diverged at epoch 1" in r.stderr.strip().splitlines()[-1]
@@ -119,8 +161,14 @@ def test_missing_data_with_no_download(tmp_path):
 
 
 def test_failed_download_blames_network_and_leaves_nothing(tmp_path):
-    r = cli("train", "--task", "cifar10", "--data-dir", tmp_path / "d",
-            env={"CNNCLF_CIFAR10_URL": "http://127.0.0.1:9/cifar-10-python.tar.gz"})  # fmt: skip
+    r = cli(
+        "train",
+        "--task",
+        "cifar10",
+        "--data-dir",
+        tmp_path / "d",
+        env={"CNNCLF_CIFAR10_URL": "http://127.0.0.1:9/cifar-10-python.tar.gz"},
+    )
     assert r.returncode == 2
     assert "network is the likely cause" in r.stderr.strip().splitlines()[-1]
     assert list((tmp_path / "d").iterdir()) == []

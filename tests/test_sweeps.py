@@ -48,14 +48,26 @@ def catdog_dir(tmp_path_factory) -> Path:
 def sweep(script: str, tmp: Path, *args, timeout=420) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "sweeps" / f"{script}.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
 
 
 def common(tmp: Path, name: str) -> list[str]:
-    return ["--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", tmp / "ray_results",
-            "--name", name, "--out", tmp / "out", "--no-download"]  # fmt: skip
+    return [
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+        "--storage-path",
+        tmp / "ray_results",
+        "--name",
+        name,
+        "--out",
+        tmp / "out",
+        "--no-download",
+    ]
 
 
 def runs(tmp: Path, experiment: str, sweep_name: str):
@@ -102,9 +114,18 @@ def test_fixed_parameters_are_not_searched():
 def test_parse_fix_types_and_errors():
     base = TrainConfig()
     assert parse_fix(["lr=0.1", "amsgrad=true", "depth=3", "optimizer=adamw"], base) == {
-        "lr": 0.1, "amsgrad": True, "depth": 3, "optimizer": "adamw"}  # fmt: skip
-    for bad, needle in [("learning_rate=1", "unknown parameter"), ("depth=x", "depth"), ("kernel_size=4", "kernel_size"),
-                        ("optimizer=lbfgs", "optimizer"), ("lr", "name=value")]:  # fmt: skip
+        "lr": 0.1,
+        "amsgrad": True,
+        "depth": 3,
+        "optimizer": "adamw",
+    }
+    for bad, needle in [
+        ("learning_rate=1", "unknown parameter"),
+        ("depth=x", "depth"),
+        ("kernel_size=4", "kernel_size"),
+        ("optimizer=lbfgs", "optimizer"),
+        ("lr", "name=value"),
+    ]:
         with pytest.raises(UsageError, match=needle):
             parse_fix([bad], base)
     with pytest.raises(UsageError, match="amsgrad only applies"):
@@ -161,7 +182,7 @@ def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
 def test_smoke_sweep_catdog(tmp_path, catdog_dir):
     r = sweep("catdog", tmp_path, "--smoke-test", "--data-dir", catdog_dir, *common(tmp_path, "cd"))
     assert r.returncode == 0, r.stderr[-3000:]
-    client, parents, children = runs(tmp_path, "catdog", "cd")
+    _client, parents, children = runs(tmp_path, "catdog", "cd")
     assert len(parents) == 1 and len(children) == 3
     assert all(c.info.status == "FINISHED" for c in [*parents, *children])
     assert all(c.data.params["image_size"] == "64" for c in children)
@@ -171,11 +192,32 @@ def test_smoke_sweep_catdog(tmp_path, catdog_dir):
 @pytest.mark.slow
 def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
     # No GPU here: declare one to Ray, so the 0.5-GPU requests are scheduled as asked (two at a time).
-    r = sweep("cifar10", tmp_path, "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "2",
-              "--scheduler", "fifo", "--no-baseline", "--fix", "width=8", "--fix", "depth=2", "--fix", "batch_size=32",
-              "--ray-num-gpus", "1", "--gpus-per-trial", "0.5", *common(tmp_path, "gpu"))  # fmt: skip
+    r = sweep(
+        "cifar10",
+        tmp_path,
+        "--data-dir",
+        cifar_dir,
+        "--num-samples",
+        "2",
+        "--max-epochs",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--no-baseline",
+        "--fix",
+        "width=8",
+        "--fix",
+        "depth=2",
+        "--fix",
+        "batch_size=32",
+        "--ray-num-gpus",
+        "1",
+        "--gpus-per-trial",
+        "0.5",
+        *common(tmp_path, "gpu"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    client, parents, children = runs(tmp_path, "cifar10", "gpu")
+    client, _parents, children = runs(tmp_path, "cifar10", "gpu")
     assert len(children) == 2
     for c in children:
         assert c.data.metrics["resources/gpu"] == 0.5
@@ -188,14 +230,33 @@ def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_to_exactly_num_samples(tmp_path, cifar_dir):
-    args = ["--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "2", "--scheduler", "fifo",
-            "--max-concurrent", "1", "--fix", "width=8", "--fix", "depth=2", "--fix", "batch_size=16",
-            *common(tmp_path, "res")]  # fmt: skip
+    args = [
+        "--data-dir",
+        cifar_dir,
+        "--num-samples",
+        "3",
+        "--max-epochs",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--max-concurrent",
+        "1",
+        "--fix",
+        "width=8",
+        "--fix",
+        "depth=2",
+        "--fix",
+        "batch_size=16",
+        *common(tmp_path, "res"),
+    ]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         if "finished" in line or time.monotonic() > deadline:
