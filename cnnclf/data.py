@@ -70,6 +70,13 @@ class TaskData:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
+    def train_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the training split, computed once and kept in the manifest
+        (which travels with the data to every sweep trial)."""
+        if "train_mean" not in self.manifest:
+            self.manifest["train_mean"], self.manifest["train_std"] = channel_stats(self.train_x)
+        return tuple(self.manifest["train_mean"]), tuple(self.manifest["train_std"])
+
     def to(self, device: torch.device | str) -> TaskData:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -552,13 +559,13 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def normalization(kind: str, train_x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalization(kind: str, data: TaskData) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if kind == "half":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     if kind == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     if kind == "dataset":
-        return channel_stats(train_x)
+        return data.train_stats()
     raise ValueError(f"unknown normalization {kind!r}")
 
 

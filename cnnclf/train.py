@@ -158,7 +158,7 @@ def train(
     steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    mean, std = normalization(cfg.normalize, data.train_x)
+    mean, std = normalization(cfg.normalize, data)
     normalize = Normalizer(mean, std, device)
     augment = make_augment(cfg.augment)
 
@@ -258,17 +258,18 @@ def train(
             metrics["test/acc"] = test["acc"]
             for name, acc in zip(data.classes, test["per_class"], strict=True):
                 metrics[f"test/acc/{name}"] = acc
-            metrics["_confusion"] = test["confusion"]
+            metrics["test/confusion"] = test["confusion"]  # (C, C) rows true, cols predicted
         if report is not None:
-            report(epoch, {k: v for k, v in metrics.items() if not k.startswith("_")}, _saver(checkpoint_state, epoch))
+            report(epoch, dict(metrics), _saver(checkpoint_state, epoch))
 
-    result = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    result = dict(metrics)
+    confusion = result.pop("test/confusion", None)
     result.update(
         status=status,
         epochs=metrics.get("epoch", start_epoch),
         seconds=elapsed_before + time.perf_counter() - started,
         classes=data.classes,
-        confusion=metrics.get("_confusion"),
+        confusion=confusion,
     )
     return result
 

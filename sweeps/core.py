@@ -114,7 +114,7 @@ def parse_fix(items: list[str], base: TrainConfig) -> dict:
 
 def trial_config(config: dict, base: TrainConfig, baseline: TrainConfig) -> TrainConfig:
     """A Tune trial's config dict -> the TrainConfig it trains (unknown keys fail loudly)."""
-    params = {k: v for k, v in config.items() if k != "role"}
+    params = {k: v for k, v in config.items() if k not in ("role", "confirm_of")}
     return (baseline if config.get("role") == "baseline" else base).replace(**params)
 
 
@@ -191,6 +191,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
+    p.add_argument("--confirm", type=int, default=3, help="retrain the top configs with this many fresh seeds (0: off)")
+    p.add_argument("--confirm-top", type=int, default=3, help="how many top configs --confirm retrains")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument(
         "--gpus-per-trial",
@@ -228,6 +230,8 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.gpus_per_trial is None or args.gpus_per_trial >= 0, "--gpus-per-trial", "expected >= 0")
     need(args.max_concurrent is None or args.max_concurrent >= 1, "--max-concurrent", "expected >= 1")
     need(args.max_failures >= 0, "--max-failures", "expected >= 0")
+    need(args.confirm >= 0, "--confirm", "expected >= 0")
+    need(args.confirm_top >= 1, "--confirm-top", "expected >= 1")
     need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")
     need(not args.resume or args.name is not None, "--resume", "needs --name of the sweep to continue")
     if args.name is not None:
@@ -276,6 +280,7 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
     subset, eval_subset = args.subset, None
     if args.smoke_test:
         args.num_samples, args.max_epochs, ranges = 2, 1, spec.smoke_ranges
+        args.confirm, args.confirm_top = min(args.confirm, 1), 1  # one confirmation run: the path is exercised
         base = base.replace(epochs=1, image_size=spec.smoke_image_size)
         subset, eval_subset = subset or 256, 128
     fixed = parse_fix(args.fix, base)
@@ -327,9 +332,11 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from sweeps.finish import collect, confirm_configs, finish, rank
     from sweeps.search import Space, make_searcher
-    from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA, summarize
+    from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA
 
     os.environ.setdefault(
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"
@@ -347,6 +354,8 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
         gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus_available else 0.0)
         if gpus > 0 and not gpus_available:
             raise UsageError("argument --gpus-per-trial: the Ray cluster has no GPUs")
+        if base.normalize == "dataset" or baseline.normalize == "dataset":
+            data.train_stats()  # once here, not once per trial
         arrays = {
             f.name: getattr(data, f.name).numpy() if hasattr(getattr(data, f.name), "numpy") else getattr(data, f.name)
             for f in dataclasses.fields(data)
@@ -413,23 +422,66 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
                     verbose=0,
                 ),
             )
-        interrupted = False
-        try:
-            results = tuner.fit()
-        except KeyboardInterrupt:
-            interrupted, results = True, None
-        statuses = mlflow_cb.trial_statuses
-        if len(statuses) < total or any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
-            interrupted = True  # Tune returns normally after Ctrl-C, with trials unfinished
-        mlflow_cb.close_orphans(interrupted=interrupted)
-        if interrupted:
+        results, statuses = _fit(tuner, mlflow_cb)
+        if results is None or _unfinished(statuses, total):
+            mlflow_cb.close_orphans(interrupted=True)
             print(f"\nsweep {name} interrupted; its state is saved. Resume with:\n  {resume_cmd}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        out_dir = args.out / name
-        summary = summarize(results, statuses, out_dir, mlflow_cb, base, baseline)
+        rows = collect(results, base, baseline)
+
+        confirm = confirm_configs(rank(rows), args.confirm_top, args.confirm, args.seed) if args.confirm else []
+        if confirm:
+            # The top configurations again with fresh seeds (same data and splits), so no claim
+            # rests on one lucky run. A second Tuner in the same Ray session; FIFO, no search.
+            print(f"confirming the top {len(confirm) // args.confirm} with {args.confirm} fresh seeds each", flush=True)
+            confirm_path = f"{path}-confirm"
+            progress_c = ProgressCallback(total=len(confirm), max_epochs=args.max_epochs, base=base, baseline=baseline)
+            if args.resume and _can_restore(storage, f"{name}-confirm"):
+                ctuner = tune.Tuner.restore(confirm_path, trainable=trainable, resume_errored=True)
+                ctuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress_c]
+            else:
+                ctuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=BasicVariantGenerator(points_to_evaluate=confirm),
+                        num_samples=len(confirm),
+                        reuse_actors=True,
+                        trial_dirname_creator=_trial_dirname,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=f"{name}-confirm",
+                        storage_path=storage,
+                        callbacks=[mlflow_cb, progress_c],
+                        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                        verbose=0,
+                    ),
+                )
+            cresults, cstatuses = _fit(ctuner, mlflow_cb)
+            if cresults is None or _unfinished(cstatuses, len(confirm)):
+                mlflow_cb.close_orphans(interrupted=True)
+                print(f"\nsweep {name} interrupted; its state is saved. Resume with:\n  {resume_cmd}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            rows += collect(cresults, base, baseline)
+            statuses = {**statuses, **cstatuses}
+        mlflow_cb.close_orphans(interrupted=False)
+        summary = finish(rows, statuses, args.out / name, mlflow_cb, data, args.tracking_uri)
         return EXIT_FAILED if summary["errored"] else EXIT_OK
     finally:
         ray.shutdown()
+
+
+def _fit(tuner, mlflow_cb) -> tuple[object | None, dict]:
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        results = None
+    return results, dict(mlflow_cb.trial_statuses)
+
+
+def _unfinished(statuses: dict, total: int) -> bool:
+    """Tune returns normally after Ctrl-C, with trials still pending or running."""
+    return len(statuses) < total or any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
 
 
 def _trial_dirname(trial) -> str:

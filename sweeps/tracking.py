@@ -10,9 +10,7 @@ already logged are not logged twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
-from sweeps.core import METRIC, METRIC_PREFIXES, dump_json, finite, trial_config
+from sweeps.core import METRIC, METRIC_PREFIXES, finite, trial_config
 
 FINISHED_STATUSES = ("TERMINATED", "ERROR")
 
@@ -222,7 +220,7 @@ class MLflowCallback(tune.Callback):
             self._safe("tag retry", self.client.set_tag, run_id, "retries", str(trial.num_failures))
 
     def on_experiment_end(self, trials, **info) -> None:
-        self.trial_statuses = {t.trial_id: t.status for t in trials}
+        self.trial_statuses = {t.trial_id: t.status for t in trials}  # this Tuner's trials
 
     def close_orphans(self, interrupted: bool) -> None:
         """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
@@ -242,7 +240,8 @@ class MLflowCallback(tune.Callback):
 
         self._safe("close runs", close)
 
-    def finish_parent(self, best: dict | None, summary: dict, files: list[Path]) -> None:
+    def log_summary(self, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
+        """The best configuration (`best/*` params and scores), outcome counts and artifacts, on the parent."""
         from mlflow.entities import Metric, Param
 
         def write() -> None:
@@ -257,19 +256,30 @@ class MLflowCallback(tune.Callback):
                 for k in ("val/acc", "test/acc"):
                     if finite(best.get(k)):
                         metrics.append(Metric(f"best/{k}", float(best[k]), ts, 0))
+                conf = best.get("confirmation") or {}
+                for k in ("test_mean", "test_std", "n"):
+                    if k in conf:
+                        metrics.append(Metric(f"best/confirm/{k}", float(conf[k]), ts, 0))
             if finite(summary.get("baseline_test_acc")):
                 metrics.append(Metric("baseline/test/acc", float(summary["baseline_test_acc"]), ts, 0))
             existing = self.client.get_run(self.parent_id).data.params
             params = [p for p in params if p.key not in existing]  # params are write-once (resumed sweeps)
             self.client.log_batch(self.parent_id, metrics=metrics, params=params)
-            for f in files:
-                self.client.log_artifact(
-                    self.parent_id, str(f), artifact_path="best_model" if f.suffix == ".pt" else None
-                )
-            self.client.set_tag(self.parent_id, "status", "completed")
-            self.client.set_terminated(self.parent_id, status="FINISHED")
+            self.log_files(files)
 
-        self._safe("finish sweep run", write)
+        self._safe("log sweep summary", write)
+
+    def log_files(self, files: list[tuple[Path, str | None]]) -> None:
+        for f, artifact_dir in files:
+            self._safe(f"log artifact {f.name}", self.client.log_artifact, self.parent_id, str(f), artifact_dir)
+
+    def close_parent(self) -> None:
+        def close() -> None:
+            if self.parent_id is not None:
+                self.client.set_tag(self.parent_id, "status", "completed")
+                self.client.set_terminated(self.parent_id, status="FINISHED")
+
+        self._safe("close sweep run", close)
 
 
 class ProgressCallback(tune.Callback):
@@ -311,125 +321,3 @@ class ProgressCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         print(f"{self._prefix()} {trial.trial_id} FAILED after {trial.num_failures} attempt(s)", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# End of a sweep.
-
-
-def reproduce_command(cfg: TrainConfig) -> str:
-    """The `python -m cnnclf train` command that trains `cfg` (every field spelled out)."""
-    d = cfg.to_dict()
-    args = ["python", "-m", "cnnclf", "train", "--task", cfg.task]
-    for k, v in d.items():
-        if k in ("task", "tags", "val_fraction", "test_fraction") or v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):  # amsgrad, nesterov
-            args.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            args += [flag, str(v)]
-    return shlex.join(args)
-
-
-def summarize(
-    results, trials_status: dict, out_dir: Path, cb: MLflowCallback, base: TrainConfig, baseline: TrainConfig
-) -> dict:
-    """Print the top 5 and the baseline, save the best config as JSON, log both to the parent run."""
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        trial_id = m.get("trial_id") or Path(str(r.path)).name
-        role = r.config.get("role", "trial")
-        cfg = trial_config(r.config, base, baseline)
-        if r.error is not None:
-            kind = "error"
-        elif m.get("diverged"):
-            kind = "diverged"
-        elif m.get("epoch", 0) < cfg.epochs:
-            kind = "early_stopped"
-        else:
-            kind = "completed"
-        rows.append(
-            {
-                "trial_id": trial_id,
-                "role": role,
-                "outcome": kind,
-                "cfg": cfg,
-                "result": r,
-                "val/acc": m.get(METRIC) if kind not in ("diverged", "error") else None,
-                "test/acc": m.get("test/acc"),
-                "epochs": m.get("epoch"),
-            }
-        )
-    outcomes = {k: sum(r["outcome"] == k for r in rows) for k in ("completed", "early_stopped", "diverged", "error")}
-    searched = [r for r in rows if r["role"] == "trial" and finite(r["val/acc"])]
-    # The best: highest val/acc among trials that ran all their epochs (so it has a test/acc);
-    # the test set chooses nothing.
-    full = [r for r in searched if r["outcome"] == "completed"] or searched
-    ranked = sorted(full, key=lambda r: -r["val/acc"]) + sorted(
-        [r for r in searched if r not in full], key=lambda r: -r["val/acc"]
-    )
-    base_row = next((r for r in rows if r["role"] == "baseline"), None)
-
-    keys = ("optimizer", "lr", "momentum", "amsgrad", "weight_decay", "batch_size", "depth", "kernel_size", "width")
-
-    def fmt(r) -> str:
-        c = r["cfg"]
-        hp = " ".join(
-            f"{k}={getattr(c, k):.3g}" if isinstance(getattr(c, k), float) else f"{k}={getattr(c, k)}"
-            for k in keys
-            if not (k == "momentum" and c.optimizer != "sgd") and not (k == "amsgrad" and c.optimizer == "sgd")
-        )
-        va = f"{r['val/acc']:.4f}" if finite(r["val/acc"]) else "   -  "
-        te = f"{r['test/acc']:.4f}" if finite(r["test/acc"]) else "   -  "
-        return f"{r['trial_id']:>14s} {r['role']:8s} {va:>7s} {te:>7s} {r['epochs']!s:>6s}  {hp}"
-
-    print(f"\n{'trial':>14s} {'role':8s} {'val/acc':>7s} {'test/acc':>7s} {'epochs':>6s}  config")
-    for r in ranked[:5]:
-        print(fmt(r))
-    if base_row is not None:
-        print(fmt(base_row) + ("  (model=" + base_row["cfg"].model + ")"))
-    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
-
-    best = None
-    files: list[Path] = []
-    if ranked:
-        b = ranked[0]
-        best = {
-            "sweep": cb.sweep,
-            "trial_id": b["trial_id"],
-            "val/acc": b["val/acc"],
-            "test/acc": b["test/acc"],
-            "config": {k: v for k, v in b["cfg"].to_dict().items() if k != "tags"},
-            "command": reproduce_command(b["cfg"]),
-            "baseline": {"val/acc": base_row["val/acc"], "test/acc": base_row["test/acc"]} if base_row else None,
-        }
-        files.append(dump_json(best, out_dir / "best_config.json"))
-        ckpt = b["result"].checkpoint
-        if ckpt is not None:
-            try:
-                with ckpt.as_directory() as d:
-                    src = Path(d) / "checkpoint.pt"
-                    dst = out_dir / "best_model.pt"
-                    dst.write_bytes(src.read_bytes())
-                    files.append(dst)
-            except Exception as e:
-                print(f"warning: could not fetch the best checkpoint: {e}", file=sys.stderr)
-        print(
-            f"best: {b['trial_id']} val/acc {b['val/acc']:.4f} test/acc "
-            f"{b['test/acc'] if b['test/acc'] is None else round(b['test/acc'], 4)}; config in {files[0]}"
-        )
-        print(f"reproduce: {best['command']}")
-    summary = {
-        "outcomes": outcomes,
-        "errored": outcomes["error"],
-        "baseline_test_acc": base_row["test/acc"] if base_row else None,
-    }
-    cb.finish_parent(best, summary, files)
-    dump_json({"outcomes": outcomes, "best": best, "trial_statuses": trials_status}, out_dir / "summary.json")
-    return summary
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -277,3 +277,40 @@ def test_interrupted_sweep_resumes_to_exactly_num_samples(tmp_path, cifar_dir):
     assert all(c.info.status == "FINISHED" for c in children)
     summary = json.loads((tmp_path / "out" / "res" / "summary.json").read_text())
     assert sum(summary["outcomes"].values()) == 4
+
+
+def test_reproduce_command_round_trips_through_the_cli():
+    import shlex
+
+    from cnnclf.__main__ import build_parser, config_from_args
+    from sweeps.catdog import SPEC
+    from sweeps.finish import reproduce_command
+
+    for cfg in (
+        SPEC.base.replace(optimizer="adamw", amsgrad=True, lr=0.00123456789, depth=6, width=48, epochs=12),
+        SPEC.baseline,
+        SPEC.base.replace(optimizer="sgd", momentum=0.93, nesterov=True, subset=500, seed=7),
+    ):
+        argv = shlex.split(reproduce_command(cfg))
+        assert argv[:4] == ["python", "-m", "cnnclf", "train"]
+        assert config_from_args(build_parser().parse_args(argv[3:])) == cfg
+
+
+def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
+    from sweeps.cifar10 import SPEC
+    from sweeps.finish import Row, confirm_configs, confirmation_stats, rank
+
+    def row(tid, val, outcome="completed", role="trial", test=None, confirm_of=None, seed=0):
+        cfg = SPEC.base.replace(lr=(val or 0.5) / 10, seed=seed)
+        return Row(tid, role, outcome, cfg, val, test, 10, None, confirm_of)
+
+    rows = [row("a", 0.7), row("b", 0.9, "early_stopped"), row("c", 0.8), row("d", None, "diverged"), row("e", 0.75)]
+    ranked = rank(rows)
+    assert [r.trial_id for r in ranked] == ["c", "e", "a", "b"]  # completed first, by val/acc; never by test
+    configs = confirm_configs(ranked, top=2, seeds=3, seed=5)
+    assert [(c["confirm_of"], c["seed"]) for c in configs] == [
+        ("c", 1005), ("c", 2005), ("c", 3005), ("e", 1005), ("e", 2005), ("e", 3005)]  # fmt: skip
+    assert all(c["role"] == "confirm" and c["lr"] == 0.08 for c in configs[:3])
+    confirms = [row(f"c{i}", 0.8, role="confirm", test=t, confirm_of="c") for i, t in enumerate((0.7, 0.8, 0.9))]
+    st = confirmation_stats(rows + confirms)["c"]
+    assert st["n"] == 3 and st["test_mean"] == pytest.approx(0.8) and st["test_std"] == pytest.approx(0.1)

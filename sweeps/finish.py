@@ -1,0 +1,248 @@
+"""The end of a sweep: rank the trials, confirm the best with fresh seeds, print, save and log the outcome."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnclf.config import TrainConfig
+from sweeps.core import METRIC, dump_json, finite, trial_config
+
+SHOWN = ("optimizer", "lr", "momentum", "amsgrad", "weight_decay", "batch_size", "depth", "kernel_size", "width")
+SAMPLE_IMAGES = 32  # test images with the best model's predictions, for the report's grid
+
+
+@dataclass
+class Row:
+    trial_id: str
+    role: str
+    outcome: str  # completed | early_stopped | diverged | error
+    cfg: TrainConfig
+    val_acc: float | None
+    test_acc: float | None
+    epochs: int | None
+    result: object  # ray.tune.Result
+    confirm_of: str | None = None
+
+
+def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        cfg = trial_config(r.config, base, baseline)
+        if r.error is not None:
+            outcome = "error"
+        elif m.get("diverged"):
+            outcome = "diverged"
+        elif m.get("epoch", 0) < cfg.epochs:
+            outcome = "early_stopped"
+        else:
+            outcome = "completed"
+        ok = outcome in ("completed", "early_stopped")
+        rows.append(
+            Row(
+                trial_id=m.get("trial_id") or Path(str(r.path)).name.split("-")[-1],
+                role=r.config.get("role", "trial"),
+                outcome=outcome,
+                cfg=cfg,
+                val_acc=m.get(METRIC) if ok and finite(m.get(METRIC)) else None,
+                test_acc=m.get("test/acc") if ok and finite(m.get("test/acc")) else None,
+                epochs=m.get("epoch"),
+                result=r,
+                confirm_of=r.config.get("confirm_of"),
+            )
+        )
+    return rows
+
+
+def rank(rows: list[Row]) -> list[Row]:
+    """Search trials by val/acc, those that ran all their epochs (and so have a test/acc) first.
+
+    The test set chooses nothing: it is only reported.
+    """
+    searched = [r for r in rows if r.role == "trial" and r.val_acc is not None]
+    full = sorted((r for r in searched if r.outcome == "completed"), key=lambda r: -r.val_acc)
+    rest = sorted((r for r in searched if r.outcome != "completed"), key=lambda r: -r.val_acc)
+    return full + rest
+
+
+def confirm_configs(ranked: list[Row], top: int, seeds: int, seed: int) -> list[dict]:
+    """Tune configs that retrain the top configurations with fresh seeds (role=confirm)."""
+    configs = []
+    for r in [r for r in ranked if r.outcome == "completed"][:top]:
+        fields = {k: v for k, v in r.cfg.to_dict().items() if k not in ("task", "tags")}
+        for i in range(seeds):
+            configs.append({**fields, "seed": seed + 1000 * (i + 1), "role": "confirm", "confirm_of": r.trial_id})
+    return configs
+
+
+def confirmation_stats(rows: list[Row]) -> dict[str, dict]:
+    """trial_id -> n, mean and std of test/acc and val/acc over its confirm runs."""
+    out: dict[str, dict] = {}
+    for tid in sorted({r.confirm_of for r in rows if r.role == "confirm"}):
+        runs = [r for r in rows if r.role == "confirm" and r.confirm_of == tid and r.test_acc is not None]
+        if not runs:
+            continue
+        tests = [r.test_acc for r in runs]
+        vals = [r.val_acc for r in runs]
+        out[tid] = {
+            "n": len(runs),
+            "test_mean": statistics.fmean(tests),
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "val_mean": statistics.fmean(vals),
+            "val_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        }
+    return out
+
+
+def reproduce_command(cfg: TrainConfig) -> str:
+    """The `python -m cnnclf train` command that trains `cfg` (every field spelled out)."""
+    args = ["python", "-m", "cnnclf", "train", "--task", cfg.task]
+    for k, v in cfg.to_dict().items():
+        if k in ("task", "tags", "val_fraction", "test_fraction") or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):  # amsgrad, nesterov
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            args += [flag, str(v)]
+    return shlex.join(args)
+
+
+def _fmt(r: Row) -> str:
+    c = r.cfg
+    hp = []
+    for k in SHOWN:
+        if (k == "momentum" and c.optimizer != "sgd") or (k == "amsgrad" and c.optimizer == "sgd"):
+            continue
+        v = getattr(c, k)
+        hp.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    va = f"{r.val_acc:.4f}" if r.val_acc is not None else "-"
+    te = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
+    model = "" if c.model == "cnn" else f" model={c.model}"
+    return f"{r.trial_id:>10s} {r.role:8s} {va:>7s} {te:>8s} {r.epochs!s:>6s}  {' '.join(hp)}{model}"
+
+
+def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int = 0) -> dict:
+    """The best model's predictions on n seeded-random test images (for the report's grid)."""
+    import torch
+
+    from cnnclf.data import Normalizer
+    from cnnclf.train import load_model
+
+    model, _, meta = load_model(checkpoint, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.test_y), generator=g)[:n]
+    images = data.test_x[idx]
+    with torch.no_grad():
+        probs = torch.softmax(model(Normalizer(meta["mean"], meta["std"], torch.device("cpu"))(images)), dim=1)
+    return {
+        "images": images.numpy(),
+        "labels": data.test_y[idx].numpy(),
+        "preds": probs.argmax(1).numpy(),
+        "probs": probs.max(1).values.numpy(),
+        "classes": np.array(data.classes),
+    }
+
+
+def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, tracking_uri: str) -> dict:
+    """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
+    ranked = rank(rows)
+    base_row = next((r for r in rows if r.role == "baseline"), None)
+    confirm = confirmation_stats(rows)
+    outcomes = {
+        k: sum(r.outcome == k for r in rows if r.role != "confirm")
+        for k in ("completed", "early_stopped", "diverged", "error")
+    }
+
+    print(f"\n{'trial':>10s} {'role':8s} {'val/acc':>7s} {'test/acc':>8s} {'epochs':>6s}  config")
+    for r in ranked[:5]:
+        print(_fmt(r))
+    if base_row is not None:
+        print(_fmt(base_row))
+    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
+    for tid, st in confirm.items():
+        print(
+            f"confirmed {tid}: test/acc {st['test_mean']:.4f} ± {st['test_std']:.4f}, "
+            f"val/acc {st['val_mean']:.4f} ± {st['val_std']:.4f} (n={st['n']} fresh seeds)"
+        )
+
+    best = None
+    files: list[tuple[Path, str | None]] = []
+    if ranked:
+        b = ranked[0]
+        best = {
+            "sweep": cb.sweep,
+            "trial_id": b.trial_id,
+            "val/acc": b.val_acc,
+            "test/acc": b.test_acc,
+            "config": {k: v for k, v in b.cfg.to_dict().items() if k != "tags"},
+            "command": reproduce_command(b.cfg),
+            "baseline": {"val/acc": base_row.val_acc, "test/acc": base_row.test_acc} if base_row else None,
+            "confirmation": confirm.get(b.trial_id),
+        }
+        files.append((dump_json(best, out_dir / "best_config.json"), None))
+        files += _best_artifacts(b, out_dir, data)
+        te = "-" if b.test_acc is None else f"{b.test_acc:.4f}"
+        print(f"best: {b.trial_id} val/acc {b.val_acc:.4f} test/acc {te}; config in {out_dir / 'best_config.json'}")
+        print(f"reproduce: {best['command']}")
+    summary = {
+        "outcomes": outcomes,
+        "errored": outcomes["error"],
+        "baseline_test_acc": base_row.test_acc if base_row else None,
+        "confirmation": confirm,
+    }
+    files.append((dump_json({**summary, "best": best, "trial_statuses": statuses}, out_dir / "summary.json"), None))
+    cb.log_summary(best, summary, files)
+    cb.log_files(_report(tracking_uri, cb, out_dir))  # the report reads what was just logged
+    cb.close_parent()
+    return summary
+
+
+def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]]:
+    """The best checkpoint, its confusion matrix and sample predictions, for the parent run and the report."""
+    files: list[tuple[Path, str | None]] = []
+    try:
+        ckpt = b.result.checkpoint
+        if ckpt is None:
+            return files
+        with ckpt.as_directory() as d:
+            dst = out_dir / "best_model.pt"
+            dst.write_bytes((Path(d) / "checkpoint.pt").read_bytes())
+        files.append((dst, "best_model"))
+        confusion = (b.result.metrics or {}).get("test/confusion")
+        if confusion is not None:
+            payload = {"trial_id": b.trial_id, "classes": data.classes, "matrix": confusion}
+            files.append((dump_json(payload, out_dir / "eval" / "confusion.json"), "eval"))
+        samples = sample_predictions(dst, data)
+        (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out_dir / "eval" / "samples.npz", **samples)
+        files.append((out_dir / "eval" / "samples.npz", "eval"))
+    except Exception as e:
+        print(f"warning: could not save the best model's artifacts: {type(e).__name__}: {e}", file=sys.stderr)
+    return files
+
+
+def _report(tracking_uri: str, cb, out_dir: Path) -> list[tuple[Path, str | None]]:
+    """Write the report (reports package) once the parent's artifacts above are in MLflow."""
+    try:
+        from reports import build_report
+    except ImportError:
+        return []
+    try:
+        written = build_report(tracking_uri, cb.experiment, [cb.sweep], out_dir)
+        print(f"report: {written[0]}")
+        return [(Path(p), "report") for p in written]
+    except Exception as e:
+        print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
