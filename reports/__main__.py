@@ -1,0 +1,100 @@
+"""The sweep report, from MLflow: report.md, a self-contained report.html, PNG plots and trials.csv.
+
+    python -m reports                                         # newest sweep of cifar10 and of catdog
+    python -m reports --experiment cifar10 --sweep all        # every cifar10 sweep, side by side
+    python -m reports --sweep cifar10-20250101-120000 --out /tmp/reports
+
+One sweep goes to OUT/<sweep>/, several sweeps of one experiment to OUT/<experiment>-compare/.
+Exit codes: 0 written; 2 unknown or empty experiment, unknown sweep, unreachable tracking store or
+bad arguments (one line on stderr); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
+EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as DESIGN.md asks of every CLI here
+        from reports.data import ReportError
+
+        raise ReportError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m reports",
+        description="Compare sweeps' trials from MLflow against the documented baselines.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store the sweeps wrote to")
+    p.add_argument(
+        "--experiment", nargs="+", default=None, help="experiments (default: cifar10 and catdog, those that exist)"
+    )
+    p.add_argument("--sweep", nargs="+", default=None, help="sweep names, or `all` (default: the newest of each)")
+    p.add_argument("--out", type=Path, default=Path("reports/out"), help="reports go to OUT/<sweep>/")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reports.data import ReportError
+
+    try:
+        return _main(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    except ReportError as e:
+        print(f"reports: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(args: argparse.Namespace) -> int:
+    from reports.data import ReportError, client, experiment_id, list_sweeps, resolve_sweeps
+
+    uri = args.tracking_uri
+    explicit = args.experiment is not None
+    experiments = list(dict.fromkeys(args.experiment or DEFAULT_EXPERIMENTS))
+    c = client(uri)
+    known = {}
+    for exp in experiments:
+        if experiment_id(c, exp, uri) is None:
+            if explicit:
+                raise ReportError(f"--experiment: no experiment {exp!r} in {uri}")
+            continue
+        sweeps = list_sweeps(uri, exp)
+        if sweeps.empty:
+            if explicit:
+                raise ReportError(f"--experiment: experiment {exp!r} has no sweeps")
+            print(f"reports: experiment {exp!r} has no sweeps; skipped", file=sys.stderr)
+            continue
+        known[exp] = sweeps
+    if not known:
+        raise ReportError(f"--experiment: no sweeps in experiment {' or '.join(map(repr, experiments))} in {uri}")
+    every_sweep = bool(args.sweep) and "all" in args.sweep
+    named = [] if every_sweep or not args.sweep else list(dict.fromkeys(args.sweep))
+    every = {n for df in known.values() for n in df["sweep"]}
+    unknown = [n for n in named if n not in every]
+    if unknown:
+        raise ReportError(f"--sweep: no sweep {', '.join(map(repr, unknown))} in {', '.join(map(repr, known))}")
+    from reports.report import build_report  # matplotlib and Optuna only once there is something to draw
+
+    for exp, sweeps in known.items():
+        if named:
+            names = [n for n in named if n in set(sweeps["sweep"])]
+            if not names:
+                continue
+        else:
+            names = resolve_sweeps(sweeps, args.sweep, exp)
+        out = args.out / (names[0] if len(names) == 1 else f"{exp}-compare")
+        files = build_report(uri, exp, names, out)
+        plots = sum(f.suffix == ".png" for f in files)
+        print(f"{exp}: {files[0]} (+ report.html, trials.csv, {plots} plots) for {', '.join(names)}", flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

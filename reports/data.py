@@ -1,0 +1,329 @@
+"""MLflow -> pandas: a sweep's parent run, one row per trial run, and the parent's artifacts.
+
+The contract is what `sweeps/tracking.py` writes: one parent run per sweep (tags `role=sweep`,
+`sweep=<name>`), one nested child run per trial (tags `sweep`, `trial_id`, `role`, `status`;
+every TrainConfig field as a string param; per-epoch metrics with `step=epoch`, final
+`test/*` metrics). Reads go through `MlflowClient` with an explicit tracking URI rather than
+`mlflow.search_runs`, which reads a process-wide URI (and exports it to the environment):
+the sweep scripts call the report in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# Tag `status` values written by sweeps/tracking.py, plus `running` for a sweep still in progress.
+OUTCOMES = ("completed", "early_stopped", "diverged", "error", "interrupted", "running")
+# Parameters that only mean something for some optimizers (the conditional search space).
+SGD_ONLY = ("momentum", "nesterov")
+ADAM_ONLY = ("amsgrad",)
+# Per-epoch metrics that are bookkeeping rather than results; `lr` would also collide with the param.
+DROPPED_METRICS = ("lr", "diverged", "epoch")
+SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
+
+
+class ReportError(Exception):
+    """Unusable input: unknown experiment or sweep, an experiment without sweeps, an unreachable store."""
+
+
+@dataclass
+class SweepData:
+    """Everything one sweep left in MLflow; `runs` holds every child run, KILLED ones included."""
+
+    tracking_uri: str
+    experiment: str
+    name: str
+    parent: dict  # run_id, start, end, status, params (str values), metrics, tags
+    runs: pd.DataFrame  # one row per child run; see `_run_row` for the columns
+    raw_params: dict[str, dict[str, str]]  # run_id -> params exactly as logged (for the command line)
+    best_config: dict | None = None  # best_config.json
+    confusion: dict | None = None  # eval/confusion.json: trial_id, classes, matrix (rows true, cols pred)
+    samples: dict[str, np.ndarray] | None = None  # eval/samples.npz
+    notes: list[str] = field(default_factory=list)  # why an artifact is missing or unreadable
+
+
+def check_store(tracking_uri: str) -> None:
+    """Fail fast on a store that cannot be read; never create an empty SQLite file by reading one."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+        if not path.is_file():
+            raise ReportError(f"--tracking-uri: no MLflow database at {path}")
+    elif tracking_uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise ReportError(f"--tracking-uri: cannot reach {tracking_uri} ({getattr(e, 'reason', e)})") from None
+    elif tracking_uri.startswith(("file:", "/", "./")) or (":" not in tracking_uri and tracking_uri != "databricks"):
+        path = Path(tracking_uri.removeprefix("file://").removeprefix("file:")).expanduser()
+        if not path.is_dir():
+            raise ReportError(f"--tracking-uri: no MLflow file store at {path}")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+
+
+def client(tracking_uri: str):
+    """An MlflowClient for a store that exists (checked on every call: cheap; the client is cached)."""
+    check_store(tracking_uri)
+    return _client(tracking_uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(c, experiment: str, tracking_uri: str) -> str | None:
+    """The id of an active experiment, None when there is none by that name."""
+    try:
+        exp = c.get_experiment_by_name(experiment)
+    except Exception as e:
+        raise ReportError(f"--tracking-uri: cannot read {tracking_uri}: {_first_line(e)}") from None
+    if exp is None or exp.lifecycle_stage != "active":
+        return None
+    return exp.experiment_id
+
+
+def _search(c, exp_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def list_sweeps(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """The experiment's sweeps (parent runs), oldest first: columns sweep, run_id, start, end, status."""
+    c = client(tracking_uri)
+    exp_id = experiment_id(c, experiment, tracking_uri)
+    if exp_id is None:
+        raise ReportError(f"--experiment: no experiment {experiment!r} in {tracking_uri}")
+    rows = [
+        {
+            "sweep": r.data.tags.get("sweep", r.info.run_name),
+            "run_id": r.info.run_id,
+            "start": _time(r.info.start_time),
+            "end": _time(r.info.end_time),
+            "status": r.info.status,
+        }
+        for r in _search(c, exp_id, "tags.role = 'sweep'")
+    ]
+    df = pd.DataFrame(rows, columns=["sweep", "run_id", "start", "end", "status"])
+    # A resumed sweep reuses its parent run, so one row per name; keep the newest if names repeat.
+    return df.sort_values("start").drop_duplicates("sweep", keep="last").reset_index(drop=True)
+
+
+def resolve_sweeps(known: pd.DataFrame, requested: list[str] | None, experiment: str) -> list[str]:
+    """Sweep names to report: None -> the newest; ["all"] -> every one, oldest first; else as named."""
+    names = list(known["sweep"])
+    if not names:
+        raise ReportError(f"--experiment: experiment {experiment!r} has no sweeps")
+    if not requested:
+        return [names[-1]]
+    if "all" in requested:
+        return names
+    unknown = [n for n in requested if n not in names]
+    if unknown:
+        raise ReportError(
+            f"--sweep: no sweep {', '.join(map(repr, unknown))} in experiment {experiment!r} "
+            f"(known: {', '.join(names[-5:])}{', ...' if len(names) > 5 else ''})"
+        )
+    return list(dict.fromkeys(requested))
+
+
+def load_sweep(tracking_uri: str, experiment: str, name: str) -> SweepData:
+    c = client(tracking_uri)
+    exp_id = experiment_id(c, experiment, tracking_uri)
+    if exp_id is None:
+        raise ReportError(f"--experiment: no experiment {experiment!r} in {tracking_uri}")
+    found = _search(c, exp_id, f"tags.sweep = '{_quote(name)}'")
+    parents = sorted((r for r in found if r.data.tags.get("role") == "sweep"), key=lambda r: r.info.start_time or 0)
+    if not parents:
+        raise ReportError(f"--sweep: no sweep {name!r} in experiment {experiment!r}")
+    p = parents[-1]
+    parent = {
+        "run_id": p.info.run_id,
+        "start": _time(p.info.start_time),
+        "end": _time(p.info.end_time),
+        "status": p.info.status,
+        "params": dict(p.data.params),
+        "metrics": dict(p.data.metrics),
+        "tags": dict(p.data.tags),
+    }
+    children = [r for r in found if r.data.tags.get("role") != "sweep"]
+    runs = pd.DataFrame([_run_row(r) for r in children])
+    if runs.empty:
+        runs = pd.DataFrame(columns=["run_id", "trial_id", "role", "outcome", "mlflow_status", "start", "end"])
+    for col in ("val/acc", "test/acc", "epochs_run", "confirm_of", "error", "seed"):
+        if col not in runs:
+            runs[col] = np.nan if col in ("val/acc", "test/acc", "epochs_run") else None
+    for col in ("start", "end"):
+        runs[col] = pd.to_datetime(runs[col], utc=True)  # datetime64 even when empty or all NaT
+    runs = runs.sort_values("start", kind="stable").reset_index(drop=True)
+    data = SweepData(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        name=name,
+        parent=parent,
+        runs=runs,
+        raw_params={r.info.run_id: dict(r.data.params) for r in children},
+    )
+    _load_artifacts(c, data)
+    return data
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> pd.Series:
+    """One metric of one run per step (epoch), the last value logged for each step."""
+    hist = client(tracking_uri).get_metric_history(run_id, key)
+    s = pd.Series({int(m.step): float(m.value) for m in sorted(hist, key=lambda m: (m.step, m.timestamp))})
+    return s.sort_index()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_row(r) -> dict[str, Any]:
+    tags, m = r.data.tags, r.data.metrics
+    params = {k: parse_param(v) for k, v in r.data.params.items()}
+    opt = params.get("optimizer")
+    for k in SGD_ONLY:  # blank where the optimizer ignores it: the searcher never chose it there
+        if k in params and opt != "sgd":
+            params[k] = None
+    for k in ADAM_ONLY:
+        if k in params and opt not in ("adam", "adamw"):
+            params[k] = None
+    row: dict[str, Any] = {
+        "run_id": r.info.run_id,
+        "trial_id": tags.get("trial_id", r.info.run_id[:8]),
+        "role": tags.get("role", "trial"),
+        "outcome": outcome(tags.get("status"), r.info.status),
+        "mlflow_status": r.info.status,
+        "confirm_of": tags.get("confirm_of"),
+        "stopped_by": tags.get("stopped_by"),
+        "error": tags.get("error"),
+        "start": _time(r.info.start_time),
+        "end": _time(r.info.end_time),
+        "epochs_run": m.get("epoch", np.nan),
+    }
+    row.update({k: v for k, v in m.items() if k not in DROPPED_METRICS})
+    row.update(params)
+    return row
+
+
+def outcome(status_tag: str | None, mlflow_status: str) -> str:
+    """The trial's outcome: the `status` tag, or what the MLflow run status implies when it is absent."""
+    if mlflow_status == "KILLED":
+        return "interrupted"  # orphaned by an interruption, whatever the tag says
+    if status_tag in OUTCOMES:
+        return status_tag
+    return {"FINISHED": "completed", "FAILED": "error", "RUNNING": "running", "SCHEDULED": "running"}.get(
+        mlflow_status, "error"
+    )
+
+
+def parse_param(s: str) -> Any:
+    """A param logged as `str(value)` back to bool, int, float, None or str."""
+    if s == "None":
+        return None
+    if s in ("True", "False"):
+        return s == "True"
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def _load_artifacts(c, data: SweepData) -> None:
+    run_id = data.parent["run_id"]
+    try:
+        top = {f.path for f in c.list_artifacts(run_id)}
+        evals = {f.path for f in c.list_artifacts(run_id, "eval")} if "eval" in top else set()
+    except Exception as e:
+        data.notes.append(f"the sweep's artifacts could not be listed ({_first_line(e)})")
+        return
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+
+        def fetch(path: str, present: set[str]) -> Path | None:
+            if path not in present:
+                return None
+            try:
+                return Path(c.download_artifacts(run_id, path, tmp))
+            except Exception as e:
+                data.notes.append(f"`{path}` could not be downloaded ({_first_line(e)})")
+                return None
+
+        if p := fetch("best_config.json", top):
+            try:
+                data.best_config = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                data.notes.append(f"`best_config.json` is unreadable ({_first_line(e)})")
+        if p := fetch("eval/confusion.json", evals):
+            try:
+                conf = json.loads(p.read_text())
+                matrix = np.asarray(conf["matrix"], dtype=np.int64)
+                if matrix.shape != (len(conf["classes"]),) * 2:
+                    raise ValueError(f"matrix {matrix.shape} for {len(conf['classes'])} classes")
+                data.confusion = {**conf, "matrix": matrix}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                data.notes.append(f"`eval/confusion.json` is unreadable ({_first_line(e)})")
+        if p := fetch("eval/samples.npz", evals):
+            try:
+                with np.load(p, allow_pickle=False) as z:  # no pickles from a store others write to
+                    samples = {k: z[k] for k in SAMPLE_ARRAYS}
+                n = len(samples["labels"])
+                if samples["images"].ndim != 4 or samples["images"].shape[:2] != (n, 3):
+                    raise ValueError(f"images {samples['images'].shape}, expected ({n}, 3, S, S)")
+                data.samples = samples
+            except (OSError, ValueError, KeyError) as e:
+                data.notes.append(f"`eval/samples.npz` is unreadable ({_first_line(e)})")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per artifact download on stderr; a report downloads a handful."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _time(ms: int | None) -> pd.Timestamp:
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else pd.NaT
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "\\'")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, int | float | np.floating | np.integer) and not isinstance(x, bool) and math.isfinite(x)

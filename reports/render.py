@@ -1,0 +1,148 @@
+"""A report as a list of blocks, written twice: Markdown (images linked) and self-contained HTML.
+
+The HTML embeds every image as a base64 data URI and needs no network. A small inline script
+records, once the page has loaded, how many images decoded (`data-images-loaded="ok/total"` on
+<body>), so a headless browser can check the page without screenshots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str  # inline **bold** and `code` only
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    right: tuple[int, ...] = ()  # columns to right-align (numbers)
+
+
+@dataclass
+class Image:
+    path: Path  # a PNG in the output folder
+    alt: str
+
+
+@dataclass
+class Code:
+    text: str
+
+
+Block = Heading | Para | Bullets | Table | Image | Code
+
+
+def to_markdown(blocks: list[Block], out_dir: Path) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append("#" * b.level + " " + b.text)
+        elif isinstance(b, Para):
+            out.append(b.text)
+        elif isinstance(b, Bullets):
+            out.append("\n".join("- " + item for item in b.items))
+        elif isinstance(b, Table):
+
+            def row(cells: list[str]) -> str:
+                return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+            rule = ["---:" if i in b.right else "---" for i in range(len(b.header))]
+            out.append("\n".join([row(b.header), "| " + " | ".join(rule) + " |", *(row(r) for r in b.rows)]))
+        elif isinstance(b, Image):
+            out.append(f"![{b.alt}]({b.path.relative_to(out_dir).as_posix()})")
+        elif isinstance(b, Code):
+            out.append("```\n" + b.text + "\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text, quote=False)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.88em; display: block; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: .25em .55em; } th { background: #f3f3f3; }
+td.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr:nth-child(even) td { background: #fafafa; }
+code, pre { background: #f5f5f5; font-size: 0.9em; } pre { padding: .7em; overflow-x: auto; white-space: pre-wrap; }
+figure { margin: 1em 0; } img { max-width: 100%; height: auto; } figcaption { font-size: .85em; color: #555; }
+"""
+
+# Runs after every image has loaded or failed; writes the count for tests and headless checks.
+CHECK_IMAGES = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (img) { return img.complete && img.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+});
+"""
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+            body = "".join(
+                "<tr>"
+                + "".join(
+                    f'<td class="r">{_inline(str(c))}</td>' if i in b.right else f"<td>{_inline(str(c))}</td>"
+                    for i, c in enumerate(r)
+                )
+                + "</tr>"
+                for r in b.rows
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif isinstance(b, Image):
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            alt = html.escape(b.alt)
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
+            )
+        elif isinstance(b, Code):
+            out.append(f"<pre><code>{html.escape(b.text, quote=False)}</code></pre>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n<script>{CHECK_IMAGES}</script>\n</head>\n"
+        "<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
+    )
+
+
+def write(blocks: list[Block], title: str, out_dir: Path) -> list[Path]:
+    """report.md and report.html in `out_dir`; returns both paths, Markdown first."""
+    md = out_dir / "report.md"
+    md.write_text(to_markdown(blocks, out_dir), encoding="utf-8")
+    page = out_dir / "report.html"
+    page.write_text(to_html(blocks, title), encoding="utf-8")
+    return [md, page]
