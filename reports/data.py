@@ -177,13 +177,15 @@ def load_sweep(tracking_uri: str, experiment: str, name: str) -> SweepData:
     for col in ("start", "end"):
         runs[col] = pd.to_datetime(runs[col], utc=True)  # datetime64 even when empty or all NaT
     runs = runs.sort_values("start", kind="stable").reset_index(drop=True)
+    raw = {r.info.run_id: dict(r.data.params) for r in children}
+    _infer_confirm_of(runs, raw)
     data = SweepData(
         tracking_uri=tracking_uri,
         experiment=experiment,
         name=name,
         parent=parent,
         runs=runs,
-        raw_params={r.info.run_id: dict(r.data.params) for r in children},
+        raw_params=raw,
     )
     _load_artifacts(c, data)
     return data
@@ -225,6 +227,23 @@ def _run_row(r) -> dict[str, Any]:
     row.update({k: v for k, v in m.items() if k not in DROPPED_METRICS})
     row.update(params)
     return row
+
+
+def _infer_confirm_of(runs: pd.DataFrame, raw: dict[str, dict[str, str]]) -> None:
+    """Fill a confirmation run's missing `confirm_of` tag: the search trial with the same params but the seed."""
+    todo = runs.index[(runs["role"] == "confirm") & runs["confirm_of"].isna()]
+    if not len(todo):
+        return
+
+    def key(run_id: str) -> tuple:
+        return tuple(sorted((k, v) for k, v in raw.get(run_id, {}).items() if k != "seed"))
+
+    trials = runs[runs["role"] == "trial"].sort_values("start", kind="stable")
+    originals: dict[tuple, str] = {}
+    for run_id, trial_id in zip(trials["run_id"], trials["trial_id"], strict=True):
+        originals.setdefault(key(run_id), trial_id)  # a config tried twice: the first trial
+    for i in todo:
+        runs.at[i, "confirm_of"] = originals.get(key(runs.at[i, "run_id"]))
 
 
 def outcome(status_tag: str | None, mlflow_status: str) -> str:

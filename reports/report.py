@@ -118,11 +118,13 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
         f"{k}={s.parent['params'][k]}" for k in SWEEP_SETTINGS if s.parent["params"].get(k) not in (None, "None")
     ]
     started = sweep_start(s)
+    interrupted = s.parent["status"] in ("KILLED", "FAILED") or s.parent["tags"].get("status") == "interrupted"
     blocks.append(
         Para(
-            f"Sweep `{s.name}`, started {started}; MLflow status {s.parent['status']}, "
-            f"tag status `{s.parent['tags'].get('status', '?')}`."
+            f"Sweep `{s.name}`, started {started}."
             + (f" Settings: {', '.join(settings)}." if settings else "")
+            # The sweeps write this report just before closing their parent run, so RUNNING is normal here.
+            + (" **The sweep was interrupted**; resumed, it continues the same runs." if interrupted else "")
         )
     )
 
@@ -167,7 +169,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
             rows.append(
                 [
                     f"re-measured in this sweep: trial `{base['trial_id']}` ({base['outcome']}, "
-                    f"{value(base.get('epochs_run'))} epochs)",
+                    f"epochs {value(base.get('epochs_run'))}/{value(base.get('epochs'))})",
                     pct(base["test/acc"]),
                     pct(base["val/acc"]),
                     pts(best["test/acc"] - base["test/acc"]),

@@ -178,10 +178,8 @@ def store(tmp_path_factory) -> dict:
     new.trial("t_00007", t7, (400, 620), [0.99], status="interrupted", mlflow_status="KILLED")
     for k, (seed, te, va) in enumerate(((1, 0.73, 0.74), (2, 0.75, 0.75), (3, 0.74, 0.76))):
         span = (610 + k, 880 + 10 * k)
-        cfg = t2.replace(seed=seed)
-        new.trial(
-            f"c_0000{k}", cfg, span, [0.6, 0.7, va], per_class(te), role="confirm", tags={"confirm_of": "t_00002"}
-        )
+        tags = {"confirm_of": "t_00002"} if k < 2 else {}  # without the tag: found by its params (all but seed)
+        new.trial(f"c_0000{k}", t2.replace(seed=seed), span, [0.6, 0.7, va], per_class(te), role="confirm", tags=tags)
     rng = np.random.default_rng(0)
     conf = new.files / "confusion.json"
     matrix = rng.integers(0, 20, (10, 10)) + np.eye(10, dtype=int) * 80
@@ -326,6 +324,7 @@ def test_trials_csv_matches_runs(default_run):
     err = rows["t_00005/trial"]
     assert err["outcome"] == "error" and err["val/acc"] == "" and err["error"] == "RuntimeError: boom"
     assert rows["c_00001/confirm"]["confirm_of"] == "t_00002" and rows["c_00001/confirm"]["seed"] == "2"
+    assert rows["c_00002/confirm"]["confirm_of"] == "t_00002"  # inferred from its params
     assert float(rows["b_00000/baseline"]["test/acc"]) == 0.605 and rows["b_00000/baseline"]["model"] == "tutorial"
 
 
