@@ -332,15 +332,14 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from sweeps.finish import collect, confirm_configs, finish, rank
-    from sweeps.search import Space, make_searcher
+    from sweeps.search import FixedConfigs, Space, make_searcher
     from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA
 
-    os.environ.setdefault(
-        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"
-    )  # we checkpoint every epoch
+    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     init_kw: dict = {"include_dashboard": False, "log_to_driver": False} if args.address is None else {}
@@ -443,7 +442,7 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
                 ctuner = tune.Tuner(
                     trainable,
                     tune_config=tune.TuneConfig(
-                        search_alg=BasicVariantGenerator(points_to_evaluate=confirm),
+                        search_alg=FixedConfigs(confirm),
                         num_samples=len(confirm),
                         reuse_actors=True,
                         trial_dirname_creator=_trial_dirname,

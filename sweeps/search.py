@@ -98,3 +98,32 @@ def make_searcher(space: Space, baseline_config: dict | None, seed: int, max_con
     )
     searcher = BaselineThenOptuna(inner, baseline_config)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
+
+
+class FixedConfigs(Searcher):
+    """Hands out a fixed list of configs in order (the confirmation runs), then FINISHED."""
+
+    def __init__(self, configs: list[dict]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self.configs = [dict(c) for c in configs]
+        self.issued: dict[str, int] = {}  # trial_id -> index
+
+    def suggest(self, trial_id: str):
+        if trial_id in self.issued:
+            return dict(self.configs[self.issued[trial_id]])
+        if len(self.issued) >= len(self.configs):
+            return Searcher.FINISHED
+        self.issued[trial_id] = len(self.issued)
+        return dict(self.configs[self.issued[trial_id]])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"configs": self.configs, "issued": self.issued}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.configs, self.issued = state["configs"], state["issued"]

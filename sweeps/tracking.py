@@ -146,6 +146,7 @@ class MLflowCallback(tune.Callback):
                 "trial_id": trial.trial_id,
                 "role": role,
                 "status": "running",
+                **({"confirm_of": trial.config["confirm_of"]} if "confirm_of" in trial.config else {}),
             },
         )
         params = {k: v for k, v in cfg.to_dict().items() if k != "tags"}

@@ -163,7 +163,11 @@ def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
     client, parents, children = runs(tmp_path, "cifar10", "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["num_samples"] == "2"
-    assert len(children) == 3 and sorted(c.data.tags["role"] for c in children) == ["baseline", "trial", "trial"]
+    roles = sorted(c.data.tags["role"] for c in children)
+    assert roles == ["baseline", "confirm", "trial", "trial"]  # --smoke-test confirms the best with 1 fresh seed
+    best_trial = parents[0].data.params["best/trial_id"]
+    confirm = next(c for c in children if c.data.tags["role"] == "confirm")
+    assert confirm.data.tags["confirm_of"] == best_trial and confirm.data.params["seed"] == "1000"
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert c.info.status == "FINISHED" and c.data.tags["status"] == "completed"
@@ -183,8 +187,9 @@ def test_smoke_sweep_catdog(tmp_path, catdog_dir):
     r = sweep("catdog", tmp_path, "--smoke-test", "--data-dir", catdog_dir, *common(tmp_path, "cd"))
     assert r.returncode == 0, r.stderr[-3000:]
     _client, parents, children = runs(tmp_path, "catdog", "cd")
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 4
     assert all(c.info.status == "FINISHED" for c in [*parents, *children])
+    assert (tmp_path / "out" / "cd" / "report.html").is_file()
     assert all(c.data.params["image_size"] == "64" for c in children)
     assert {"test/acc/cat", "test/acc/dog"} <= set(children[0].data.metrics)
 
@@ -204,6 +209,8 @@ def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
         "--scheduler",
         "fifo",
         "--no-baseline",
+        "--confirm",
+        "0",
         "--fix",
         "width=8",
         "--fix",
@@ -239,6 +246,8 @@ def test_interrupted_sweep_resumes_to_exactly_num_samples(tmp_path, cifar_dir):
         "2",
         "--scheduler",
         "fifo",
+        "--confirm",
+        "0",
         "--max-concurrent",
         "1",
         "--fix",
