@@ -45,7 +45,8 @@ def main() -> None:
         cmd = [
             sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--data-dir", str(args.data_dir.resolve()),
             "--num-samples", str(args.num_samples), "--max-epochs", str(args.epochs), "--scheduler", "fifo",
-            "--no-baseline", "--subset", str(args.subset), "--cpus-per-trial", str(args.cpus_per_trial),
+            "--no-baseline", "--confirm", "0", "--subset", str(args.subset),
+            "--cpus-per-trial", str(args.cpus_per_trial),
             "--gpus-per-trial", str(args.gpus_per_trial), "--tracking-uri", f"sqlite:///{tmp / 'm.db'}",
             "--storage-path", str(tmp / "rr"), "--name", "bench", "--out", str(tmp / "out"), "--no-download",
         ]  # fmt: skip
