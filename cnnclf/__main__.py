@@ -12,6 +12,7 @@ flag or file), 1 anything else (a diverged run included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -98,27 +99,9 @@ def build_parser() -> Parser:
     return p
 
 
+# Every TrainConfig field has a flag of the same name, except the task (--task) and the split fractions.
 _FLAG_FIELDS = [
-    "model",
-    "optimizer",
-    "lr",
-    "momentum",
-    "nesterov",
-    "amsgrad",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "schedule",
-    "warmup_epochs",
-    "label_smoothing",
-    "depth",
-    "kernel_size",
-    "width",
-    "image_size",
-    "normalize",
-    "augment",
-    "subset",
-    "seed",
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("task", "tags", "val_fraction", "test_fraction")
 ]
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnnclf.config import ConfigError, TrainConfig
@@ -71,7 +71,6 @@ class TaskSpec:
     smoke_image_size: int
     default_max_epochs: int
     doc: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def parse_fix(items: list[str], base: TrainConfig) -> dict:
@@ -488,25 +487,9 @@ def _trial_dirname(trial) -> str:
 
 
 def _baseline_keys() -> set[str]:
-    return {
-        "model",
-        "optimizer",
-        "lr",
-        "momentum",
-        "nesterov",
-        "amsgrad",
-        "weight_decay",
-        "batch_size",
-        "epochs",
-        "schedule",
-        "warmup_epochs",
-        "label_smoothing",
-        "depth",
-        "kernel_size",
-        "width",
-        "normalize",
-        "augment",
-    }
+    """The baseline preset's training fields; data fields (resolution, splits, subset, seed) come from the sweep."""
+    data_fields = {"task", "tags", "image_size", "val_fraction", "test_fraction", "subset", "seed"}
+    return {f.name for f in dataclasses.fields(TrainConfig)} - data_fields
 
 
 def finite(x) -> bool:

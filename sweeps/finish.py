@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import statistics
 import sys
@@ -242,7 +241,3 @@ def _report(tracking_uri: str, cb, out_dir: Path) -> list[tuple[Path, str | None
     except Exception as e:
         print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
         return []
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
