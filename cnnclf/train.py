@@ -253,7 +253,9 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch == cfg.epochs:
+            t_test = time.perf_counter()
             test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
+            metrics["time/test_s"] = time.perf_counter() - t_test  # part of a trial's work, not of the sweep's
             metrics["test/loss"] = test["loss"]
             metrics["test/acc"] = test["acc"]
             for name, acc in zip(data.classes, test["per_class"], strict=True):
