@@ -13,6 +13,7 @@ per trial, so only the driver ever touches the tracking store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -111,26 +112,40 @@ def parse_fix(items: list[str], base: TrainConfig) -> dict:
     return fixed
 
 
+META_KEYS = ("role", "confirm_of", "adopt")  # Tune config keys that are not TrainConfig fields
+
+
 def trial_config(config: dict, base: TrainConfig, baseline: TrainConfig) -> TrainConfig:
     """A Tune trial's config dict -> the TrainConfig it trains (unknown keys fail loudly)."""
-    params = {k: v for k, v in config.items() if k not in ("role", "confirm_of")}
+    params = {k: v for k, v in config.items() if k not in META_KEYS}
     return (baseline if config.get("role") == "baseline" else base).replace(**params)
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainable: runs in a Ray worker.
 
+CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.json"
+
 
 def run_trial(
-    config: dict, data: dict | None = None, base: TrainConfig | None = None, baseline: TrainConfig | None = None
+    config: dict,
+    data: dict | None = None,
+    base: TrainConfig | None = None,
+    baseline: TrainConfig | None = None,
+    experiment_path: str | None = None,
+    faults: list | None = None,
 ) -> None:
+    import gc
+
     import ray
     import torch
     from ray import tune
 
     from cnnclf.data import TaskData
-    from cnnclf.train import load_checkpoint, train
+    from cnnclf.train import train
+    from sweeps.faults import fire
 
+    faults = faults or []
     cfg = trial_config(config, base, baseline)
     ctx = ray.get_runtime_context()
     assigned = ctx.get_assigned_resources()
@@ -139,20 +154,37 @@ def run_trial(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; nothing writes to them
         task_data = TaskData(**{k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in data.items()})
-
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(Path(d) / "checkpoint.pt")
     extra = {
         "resources/gpu": float(assigned.get("GPU", 0)),
         "resources/cpu": float(assigned.get("CPU", 0)),
         "node_id": ctx.get_node_id(),
     }
 
+    # Resume from the newest complete checkpoint: Tune's, or a newer one in this trial's folder
+    # (written after Tune's last snapshot), or one of the trial this one continues (`adopt`).
+    folders = [Path(d) for d in (config.get("adopt") or {}).get("dirs", [])]
+    trial_id = tune.get_context().get_trial_id()
+    if experiment_path and "://" not in experiment_path:
+        folders.append(Path(experiment_path) / f"{config.get('role', 'trial')}-{trial_id}")
+    found = _newest_checkpoint(folders)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tune_ckpt = _read_checkpoint(Path(d))
+        if tune_ckpt is not None and (found is None or tune_ckpt[1]["epoch"] >= found[1]["epoch"]):
+            found = tune_ckpt
+    resume = found[0] if found else None
+    if found is not None and found[1]["epoch"] >= cfg.epochs and "val/acc" in found[1]:
+        # The trial had finished before the driver went down: report its final result again
+        # (the MLflow writer skips epochs it has logged), instead of training it twice.
+        with tempfile.TemporaryDirectory() as d:
+            _write_checkpoint_dir(Path(d), resume, {**found[1], **extra})
+            tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
+        return
+
     def report(epoch: int, metrics: dict, save) -> None:
         m = {**metrics, **extra}
+        fire(faults, "epoch_end", config, epoch)
         if m.get("diverged"):
             # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
             # one; with 0.0 both treat the trial as the worst, and TPE learns to avoid it.
@@ -163,10 +195,65 @@ def run_trial(
             tune.report(m)
             return
         with tempfile.TemporaryDirectory() as d:
-            save(Path(d) / "checkpoint.pt")
+            save(Path(d) / CHECKPOINT_FILE)
+            fire(faults, "checkpoint", config, epoch)
+            (Path(d) / METRICS_FILE).write_text(json.dumps(m))  # beside the state: replayed after a crash
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
 
-    train(cfg, task_data, report, device=device, resume=resume)
+    try:
+        train(cfg, task_data, report, device=device, resume=resume)
+    except torch.OutOfMemoryError as e:
+        # Out of device memory is a property of the configuration (batch, width), not bad luck:
+        # retrying cannot help. Free what the trial held and end it as a recorded failure, the
+        # worst score for Optuna, so that later trials get the memory and TPE learns.
+        del e
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tune.report(
+            {
+                "epoch": 0,
+                METRIC: 0.0,
+                "failure": "oom",
+                "error": "torch.OutOfMemoryError",
+                "resources/gpu_mem_after_mb": torch.cuda.memory_allocated() / 2**20
+                if torch.cuda.is_available()
+                else 0.0,
+                **extra,
+            }
+        )
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
+    """(state, metrics) of a checkpoint folder, or None when it is incomplete or unreadable."""
+    from cnnclf.train import load_checkpoint
+
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        state = load_checkpoint(folder / CHECKPOINT_FILE)
+    except Exception:  # a write cut short by a crash: not a checkpoint
+        return None
+    return (state, metrics) if state.get("epoch") == metrics.get("epoch") else None
+
+
+def _newest_checkpoint(folders: list[Path]) -> tuple[dict, dict] | None:
+    candidates = []
+    for folder in folders:
+        for d in folder.glob("checkpoint_*") if folder.is_dir() else ():
+            with contextlib.suppress(OSError, ValueError):
+                candidates.append((json.loads((d / METRICS_FILE).read_text()).get("epoch", 0), str(d)))
+    for _, d in sorted(candidates, reverse=True):
+        found = _read_checkpoint(Path(d))
+        if found is not None:
+            return found
+    return None
+
+
+def _write_checkpoint_dir(folder: Path, state: dict, metrics: dict) -> None:
+    from cnnclf.train import save_checkpoint
+
+    save_checkpoint(state, folder / CHECKPOINT_FILE)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +293,14 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="ray_results", help="local folder, NFS path or s3://bucket/prefix")
     p.add_argument("--name", default=None, help="sweep name (default: task-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument(
+        "--mlflow-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait at the end for an unreachable MLflow server before leaving writes spooled",
+    )
+    p.add_argument("--sync", action="store_true", help="write what sweep --name spooled while MLflow was down")
     p.add_argument("--experiment", default=spec.task)
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--no-download", action="store_true")
@@ -233,6 +327,11 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.confirm_top >= 1, "--confirm-top", "expected >= 1")
     need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")
     need(not args.resume or args.name is not None, "--resume", "needs --name of the sweep to continue")
+    need(not args.sync or args.name is not None, "--sync", "needs --name of the sweep to write")
+    need(not (args.sync and args.resume), "--sync", "cannot be combined with --resume")
+    need(args.mlflow_wait >= 0, "--mlflow-wait", "expected >= 0")
+    need(math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected a finite number")
+    need(args.gpus_per_trial is None or math.isfinite(args.gpus_per_trial), "--gpus-per-trial", "expected a number")
     if args.name is not None:
         need(all(c.isalnum() or c in "-_." for c in args.name), "--name", "letters, digits, '-', '_' and '.' only")
 
@@ -274,6 +373,13 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
 
     args = build_parser(spec).parse_args(argv)
     check_args(args)
+    if args.sync:
+        return sync(spec, args)
+    args.tracking_uri = args.tracking_uri or DEFAULT_TRACKING_URI
+    try:
+        faults = load_faults()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     ranges = spec.ranges
     base = spec.base.replace(epochs=args.max_epochs, seed=args.seed)
     subset, eval_subset = args.subset, None
@@ -289,11 +395,17 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
     )
     name = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = _storage_uri(args.storage_path)
+    if "://" not in storage and Path(storage).exists() and not Path(storage).is_dir():
+        raise UsageError(f"argument --storage-path: {storage} is a file, not a folder")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"argument --out: {args.out} is a file, not a folder")
     check_tracking(args.tracking_uri)
-    if args.resume and not _can_restore(storage, name):
+    journal_dir = args.out / name / "journal"
+    if args.resume and not (_can_restore(storage, name) or (journal_dir / "ops.jsonl").exists()):
         raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
-    if not args.resume and "://" not in storage and (Path(storage) / name).exists():
-        raise UsageError(f"argument --name: a sweep named {name!r} already exists under {storage}; add --resume")
+    exists = ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists()
+    if not args.resume and exists:
+        raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
 
     try:
         data = load_task(
@@ -314,7 +426,50 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
         flush=True,
     )
-    return run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data)
+    return run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, faults)
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def load_faults() -> list[dict]:
+    from sweeps.faults import load
+
+    return load()
+
+
+def _quiet_mlflow_http() -> None:
+    # The journal retries on its own, forever and in the background; MLflow's own retries
+    # (7, with exponential backoff) would only hide an outage for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
+    """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
+    from sweeps.finish import write_report
+    from sweeps.journal import Journal
+
+    folder = args.out / args.name / "journal"
+    if not (folder / "ops.jsonl").exists():
+        raise UsageError(f"argument --name: no journal of a sweep {args.name!r} under {args.out}")
+    meta = Journal(folder, "", "", args.name, verbose=False).meta
+    uri = args.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI
+    check_tracking(uri)
+    _quiet_mlflow_http()
+    journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
+    todo = journal.pending()
+    left = journal.close(timeout=max(args.mlflow_wait, 1.0))
+    print(f"{args.name}: wrote {todo - left} of {todo} spooled MLflow writes to {uri}", flush=True)
+    if left:
+        print(f"{spec.task} sweep: error: {left} MLflow writes are still spooled in {folder}", file=sys.stderr)
+        return EXIT_FAILED
+    if meta.get("finished") and not (args.out / args.name / "report.html").exists():
+        journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
+        write_report(journal, args.out / args.name)
+        if journal.close(timeout=max(args.mlflow_wait, 1.0)):
+            return EXIT_FAILED
+    return EXIT_OK
 
 
 def _can_restore(storage: str, name: str) -> bool:
@@ -326,21 +481,29 @@ def _can_restore(storage: str, name: str) -> bool:
         return False
 
 
-def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) -> int:
+def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, faults=()) -> int:
     import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     from sweeps.finish import collect, confirm_configs, finish, rank
-    from sweeps.search import FixedConfigs, Space, make_searcher
+    from sweeps.journal import Journal
+    from sweeps.search import FixedConfigs, Orphans, Space, export_study, make_searcher, set_orphans
     from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA
 
     # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _quiet_mlflow_http()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    out_dir = args.out / name
+    journal = Journal(out_dir / "journal", args.tracking_uri, args.experiment, name)
+    if not journal.meta:
+        journal.append(
+            "meta", data={"tracking_uri": args.tracking_uri, "experiment": args.experiment, "task": spec.task}
+        )
     init_kw: dict = {"include_dashboard": False, "log_to_driver": False} if args.address is None else {}
     if args.address:
         init_kw["address"] = args.address
@@ -358,10 +521,22 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
             f.name: getattr(data, f.name).numpy() if hasattr(getattr(data, f.name), "numpy") else getattr(data, f.name)
             for f in dataclasses.fields(data)
         }
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, data=arrays, base=base, baseline=baseline),
-            {"cpu": args.cpus_per_trial, "gpu": gpus},
-        )
+        path = f"{storage.rstrip('/')}/{name}"
+        confirm_path = f"{path}-confirm"
+
+        def trainable_for(experiment_path: str):
+            return tune.with_resources(
+                tune.with_parameters(
+                    run_trial,
+                    data=arrays,
+                    base=base,
+                    baseline=baseline,
+                    experiment_path=experiment_path,
+                    faults=list(faults),
+                ),
+                {"cpu": args.cpus_per_trial, "gpu": gpus},
+            )
+
         with_baseline = not args.no_baseline
         total = args.num_samples + (1 if with_baseline else 0)
         argv_resume = [a for a in sys.argv[1:] if a != "--resume"]
@@ -369,21 +544,32 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
             argv_resume += ["--name", name]
         resume_cmd = shlex.join([sys.executable, sys.argv[0], *argv_resume, "--resume"])
         mlflow_cb = MLflowCallback(
-            tracking_uri=args.tracking_uri,
-            experiment=args.experiment,
-            sweep=name,
+            journal,
             base=base,
             baseline=baseline,
             sweep_params={k: (str(v) if not isinstance(v, int | float | str) else v) for k, v in vars(args).items()},
         )
         progress = ProgressCallback(total=total, max_epochs=args.max_epochs, base=base, baseline=baseline)
-        path = f"{storage.rstrip('/')}/{name}"
-        if args.resume:
+
+        def interrupted() -> int:
+            mlflow_cb.close_orphans(interrupted=True)
+            left = journal.close(timeout=min(args.mlflow_wait, 10.0))
+            spooled = f" ({left} MLflow writes spooled in {journal.folder})" if left else ""
+            print(
+                f"\nsweep {name} interrupted; its state is saved{spooled}. Resume with:\n  {resume_cmd}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+
+        if args.resume and _can_restore(storage, name):
             print(f"resuming sweep {name} from {path}", flush=True)
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable_for(path), resume_errored=True)
             # Tune unpickles the callbacks of the first run; use this run's, so the driver sees what they saw.
             tuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress]
+            known = _known_trials(tuner)
         else:
+            if args.resume:
+                print(f"resuming sweep {name}: Tune saved no state before it stopped; starting it from the journal")
             baseline_cfg = None
             if with_baseline:
                 baseline_cfg = {k: v for k, v in baseline.to_dict().items() if k in _baseline_keys()}
@@ -401,7 +587,7 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
             else:
                 scheduler = FIFOScheduler()
             tuner = tune.Tuner(
-                trainable,
+                trainable_for(path),
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     scheduler=scheduler,
@@ -420,11 +606,15 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
                     verbose=0,
                 ),
             )
+            known = set()
+        orphans = Orphans.from_journal(journal, known, path, roles=("trial", "baseline"))
+        if orphans.entries:
+            print(f"{len(orphans.entries)} trial(s) began after Tune's last snapshot; they continue where they were")
+        set_orphans(tuner, orphans)
         results, statuses = _fit(tuner, mlflow_cb)
         if results is None or _unfinished(statuses, total):
-            mlflow_cb.close_orphans(interrupted=True)
-            print(f"\nsweep {name} interrupted; its state is saved. Resume with:\n  {resume_cmd}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return interrupted()
+        export_study(tuner, out_dir / "optuna.db")
         rows = collect(results, base, baseline)
 
         confirm = confirm_configs(rank(rows), args.confirm_top, args.confirm, args.seed) if args.confirm else []
@@ -432,14 +622,14 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
             # The top configurations again with fresh seeds (same data and splits), so no claim
             # rests on one lucky run. A second Tuner in the same Ray session; FIFO, no search.
             print(f"confirming the top {len(confirm) // args.confirm} with {args.confirm} fresh seeds each", flush=True)
-            confirm_path = f"{path}-confirm"
             progress_c = ProgressCallback(total=len(confirm), max_epochs=args.max_epochs, base=base, baseline=baseline)
             if args.resume and _can_restore(storage, f"{name}-confirm"):
-                ctuner = tune.Tuner.restore(confirm_path, trainable=trainable, resume_errored=True)
+                ctuner = tune.Tuner.restore(confirm_path, trainable=trainable_for(confirm_path), resume_errored=True)
                 ctuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress_c]
+                cknown = _known_trials(ctuner)
             else:
                 ctuner = tune.Tuner(
-                    trainable,
+                    trainable_for(confirm_path),
                     tune_config=tune.TuneConfig(
                         search_alg=FixedConfigs(confirm),
                         num_samples=len(confirm),
@@ -455,18 +645,36 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data) ->
                         verbose=0,
                     ),
                 )
+                cknown = set()
+            set_orphans(ctuner, Orphans.from_journal(journal, cknown, confirm_path, roles=("confirm",)))
             cresults, cstatuses = _fit(ctuner, mlflow_cb)
             if cresults is None or _unfinished(cstatuses, len(confirm)):
-                mlflow_cb.close_orphans(interrupted=True)
-                print(f"\nsweep {name} interrupted; its state is saved. Resume with:\n  {resume_cmd}", file=sys.stderr)
-                return EXIT_INTERRUPTED
+                return interrupted()
             rows += collect(cresults, base, baseline)
             statuses = {**statuses, **cstatuses}
         mlflow_cb.close_orphans(interrupted=False)
-        summary = finish(rows, statuses, args.out / name, mlflow_cb, data, args.tracking_uri)
-        return EXIT_FAILED if summary["errored"] else EXIT_OK
+        summary = finish(rows, statuses, out_dir, mlflow_cb, data, wait=args.mlflow_wait)
+        left = journal.close(timeout=args.mlflow_wait)
+        if left:
+            sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", name, "--out", str(args.out)])
+            print(
+                f"{spec.task} sweep: error: MLflow at {args.tracking_uri} stayed unreachable; {left} writes are "
+                f"kept in {journal.folder}. Once it is back: {sync_cmd}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        return EXIT_FAILED if summary["failed"] else EXIT_OK
     finally:
+        journal.close(timeout=0)
         ray.shutdown()
+
+
+def _known_trials(tuner) -> set[str]:
+    """Trial ids in Tune's restored state (trial folders are named <role>-<trial_id>)."""
+    try:
+        return {Path(str(r.path)).name.rsplit("-", 1)[-1] for r in tuner.get_results()}
+    except Exception:
+        return set()
 
 
 def _fit(tuner, mlflow_cb) -> tuple[object | None, dict]:

@@ -21,7 +21,7 @@ SAMPLE_IMAGES = 32  # test images with the best model's predictions, for the rep
 class Row:
     trial_id: str
     role: str
-    outcome: str  # completed | early_stopped | diverged | error
+    outcome: str  # completed | early_stopped | diverged | oom | error
     cfg: TrainConfig
     val_acc: float | None
     test_acc: float | None
@@ -37,6 +37,8 @@ def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
         cfg = trial_config(r.config, base, baseline)
         if r.error is not None:
             outcome = "error"
+        elif m.get("failure"):
+            outcome = str(m["failure"])  # oom
         elif m.get("diverged"):
             outcome = "diverged"
         elif m.get("epoch", 0) < cfg.epochs:
@@ -150,15 +152,16 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
-def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, tracking_uri: str) -> dict:
+OUTCOMES = ("completed", "early_stopped", "diverged", "oom", "error")
+FAILED = ("oom", "error")  # the sweep exits 1 when any trial ended so
+
+
+def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float = 60.0) -> dict:
     """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
     ranked = rank(rows)
     base_row = next((r for r in rows if r.role == "baseline"), None)
     confirm = confirmation_stats(rows)
-    outcomes = {
-        k: sum(r.outcome == k for r in rows if r.role != "confirm")
-        for k in ("completed", "early_stopped", "diverged", "error")
-    }
+    outcomes = {k: sum(r.outcome == k for r in rows if r.role != "confirm") for k in OUTCOMES}
 
     print(f"\n{'trial':>10s} {'role':8s} {'val/acc':>7s} {'test/acc':>8s} {'epochs':>6s}  config")
     for r in ranked[:5]:
@@ -193,13 +196,18 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, tracking_ur
         print(f"reproduce: {best['command']}")
     summary = {
         "outcomes": outcomes,
-        "errored": outcomes["error"],
+        "failed": sum(outcomes[k] for k in FAILED),
+        "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
         "baseline_test_acc": base_row.test_acc if base_row else None,
         "confirmation": confirm,
     }
     files.append((dump_json({**summary, "best": best, "trial_statuses": statuses}, out_dir / "summary.json"), None))
     cb.log_summary(best, summary, files)
-    cb.log_files(_report(tracking_uri, cb, out_dir))  # the report reads what was just logged
+    cb.journal.append("meta", data={"finished": True})
+    if cb.journal.flush(timeout=wait):  # the report reads what was just logged
+        write_report(cb.journal, out_dir)
+    else:
+        print("the report is left for --sync: MLflow is unreachable", file=sys.stderr)
     cb.close_parent()
     return summary
 
@@ -228,16 +236,18 @@ def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]
     return files
 
 
-def _report(tracking_uri: str, cb, out_dir: Path) -> list[tuple[Path, str | None]]:
-    """Write the report (reports package) once the parent's artifacts above are in MLflow."""
+def write_report(journal, out_dir: Path) -> list[Path]:
+    """Write the report (reports package) from MLflow, and journal its files onto the parent run."""
     try:
         from reports import build_report
     except ImportError:
         return []
     try:
-        written = build_report(tracking_uri, cb.experiment, [cb.sweep], out_dir)
-        print(f"report: {written[0]}")
-        return [(Path(p), "report") for p in written]
+        written = [Path(p) for p in build_report(journal.tracking_uri, journal.experiment, [journal.sweep], out_dir)]
     except Exception as e:
         print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
         return []
+    print(f"report: {written[0]}")
+    for p in written:
+        journal.append("artifact", "sweep", path=str(p.resolve()), dir="report")
+    return written

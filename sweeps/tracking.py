@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
 from sweeps.core import METRIC, METRIC_PREFIXES, finite, trial_config
+from sweeps.journal import SWEEP_KEY, Journal, now_ms, trial_key
 
 FINISHED_STATUSES = ("TERMINATED", "ERROR")
 
@@ -50,237 +50,178 @@ class SweepASHA(ASHAScheduler):
 
 
 class MLflowCallback(tune.Callback):
-    """One parent run per sweep, one nested child run per trial; written from the driver only."""
+    """One parent run per sweep, one nested child run per trial; written from the driver only.
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        sweep: str,
-        base: TrainConfig,
-        baseline: TrainConfig,
-        sweep_params: dict,
-    ) -> None:
-        self.tracking_uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
-        self.base, self.baseline, self.sweep_params = base, baseline, sweep_params
-        self._client = None
-        self.parent_id: str | None = None
-        self.experiment_id: str | None = None
-        self._runs: dict[str, str] = {}  # trial_id -> run_id
-        self._last_step: dict[str, int] = {}  # run_id -> last epoch logged
+    Every write goes through the sweep's `Journal` (sweeps/journal.py): made durable locally,
+    then applied by a background thread, so Tune's loop never waits on the tracking server.
+    """
+
+    def __init__(self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict) -> None:
+        self.journal, self.base, self.baseline, self.sweep_params = journal, base, baseline, sweep_params
+        self.sweep = journal.sweep
+        self.experiment = journal.experiment
         self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
-        self.write_failures = 0
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
-        state = self.__dict__.copy()
-        state["_client"] = None
-        return state
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def _safe(self, what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            self.write_failures += 1
-            print(f"warning: MLflow {what} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
-            return None
+        return {k: v for k, v in self.__dict__.items() if k != "journal"}
 
     # --- runs -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Find or create the experiment and the sweep's parent run (reused on --resume)."""
-        if self.parent_id is not None:
-            return
-        c = self.client
-        exp = c.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
-        found = c.search_runs(
-            [self.experiment_id], f"tags.sweep = '{self.sweep}' and tags.role = 'sweep'", max_results=1
-        )
-        if found:
-            self.parent_id = found[0].info.run_id
-            c.update_run(self.parent_id, status="RUNNING")
-            for run in c.search_runs(
-                [self.experiment_id], f"tags.sweep = '{self.sweep}' and tags.role != 'sweep'", max_results=10000
-            ):
-                self._runs[run.data.tags["trial_id"]] = run.info.run_id
-                epochs = c.get_metric_history(run.info.run_id, "epoch")
-                self._last_step[run.info.run_id] = max((int(m.step) for m in epochs), default=0)
+        """The sweep's parent run: created once, reopened by --resume."""
+        j = self.journal
+        if j.has_run(SWEEP_KEY):
+            j.append("status", SWEEP_KEY, status="RUNNING", ts=now_ms())
+            j.append("log", SWEEP_KEY, tags=[["status", "running"]])
         else:
-            run = c.create_run(
-                self.experiment_id,
-                run_name=self.sweep,
+            j.append(
+                "create_run",
+                SWEEP_KEY,
+                name=self.sweep,
+                ts=now_ms(),
                 tags={"sweep": self.sweep, "role": "sweep", "status": "running"},
+                params={k: str(v) for k, v in self.sweep_params.items()},
             )
-            self.parent_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, str(v)[:6000]) for k, v in sorted(self.sweep_params.items())]
-            c.log_batch(self.parent_id, params=params)
+        j.start()
 
     def setup(self, **info) -> None:
-        self._safe("setup", self.start)
+        self.start()
 
-    def _child(self, trial) -> str | None:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        if self.parent_id is None:
-            return None
-        from mlflow.entities import Param
-
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        j = self.journal
+        adopt = (trial.config.get("adopt") or {}).get("trial_id")
+        if adopt and trial.trial_id not in j.aliases and trial_key(adopt) in j.trials:
+            # Ray re-created a trial that began after its last snapshot: continue that trial's run.
+            key = trial_key(adopt)
+            j.append("alias", key, trial_id=trial.trial_id)
+            j.append("log", key, tags=[["trial_id", trial.trial_id], ["previous_trial_id", adopt]])
+        key = j.key_of(trial.trial_id)
+        if key in j.trials:  # resumed or adopted: reopen its run (closed as KILLED when interrupted)
+            j.append("status", key, status="RUNNING", ts=now_ms())
+            j.append("log", key, tags=[["status", "running"]])
+            return
         cfg = trial_config(trial.config, self.base, self.baseline)
         role = trial.config.get("role", "trial")
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{role}-{trial.trial_id}",
+        j.append(
+            "create_run",
+            key,
+            name=f"{role}-{trial.trial_id}",
+            ts=now_ms(),
+            trial_id=trial.trial_id,
+            config=_plain(trial.config),
+            trial_dir=str(trial.storage.trial_fs_path) if getattr(trial, "storage", None) else None,
             tags={
-                "mlflow.parentRunId": self.parent_id,
                 "sweep": self.sweep,
                 "trial_id": trial.trial_id,
                 "role": role,
                 "status": "running",
                 **({"confirm_of": trial.config["confirm_of"]} if "confirm_of" in trial.config else {}),
             },
+            params={k: str(v) for k, v in cfg.to_dict().items() if k != "tags"},
         )
-        params = {k: v for k, v in cfg.to_dict().items() if k != "tags"}
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-        self._runs[trial.trial_id] = run.info.run_id
-        return run.info.run_id
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        known = trial.trial_id in self._runs
-        run_id = self._safe("create run", self._child, trial)
-        if run_id and known:  # a resumed trial reopens its run (closed as KILLED when interrupted)
-            self._safe("reopen run", self.client.update_run, run_id, status="RUNNING")
-            self._safe("reopen run", self.client.set_tag, run_id, "status", "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._safe("log metrics", self._log_result, trial, result)
-
-    def _log_result(self, trial, result: dict) -> None:
-        from mlflow.entities import Metric
-
-        run_id = self._child(trial)
-        if run_id is None:
-            return
+        j = self.journal
+        key = j.key_of(trial.trial_id)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self._last_step.get(run_id, 0):
-            return  # re-run of an epoch already logged (the trial resumed from an older checkpoint)
-        diverged = bool(result.get("diverged"))
-        ts = int(time.time() * 1000)
+        if key not in j.trials or step <= j.trials[key].last_step:
+            return  # an epoch already logged (the trial resumed from an older checkpoint)
+        failed = bool(result.get("diverged")) or bool(result.get("failure"))
+        ts = now_ms()
         metrics = []
         for k, v in result.items():
             if not (k.startswith(METRIC_PREFIXES) or k in ("epoch", "lr", "diverged")) or not finite(v):
                 continue
-            if diverged and k in (METRIC, "val/loss", "train/loss"):
+            if failed and k in (METRIC, "val/loss", "train/loss"):
                 continue  # stand-in values for Tune and Optuna, not measurements
-            metrics.append(Metric(k, float(v), ts, step))
-        self.client.log_batch(run_id, metrics=metrics)
-        if step == 1 or run_id not in self._last_step:
-            node = result.get("node_id")
-            if node:
-                self.client.set_tag(run_id, "node_id", node)
-        self._last_step[run_id] = step
+            metrics.append([k, float(v), ts, step])
+        tags = [["node_id", result["node_id"]]] if result.get("node_id") else []
+        j.append("log", key, metrics=metrics, tags=tags)
 
     def _finish(self, trial, status: str, mlflow_status: str, extra_tags: dict | None = None) -> None:
-        run_id = self._child(trial)
-        if run_id is None:
+        key = self.journal.key_of(trial.trial_id)
+        if key not in self.journal.trials:
             return
-        for k, v in {"status": status, **(extra_tags or {})}.items():
-            self.client.set_tag(run_id, k, v)
-        self.client.set_terminated(run_id, status=mlflow_status)
+        tags = [[k, v] for k, v in {"status": status, **(extra_tags or {})}.items()]
+        self.journal.append("log", key, tags=tags)
+        self.journal.append("status", key, status=mlflow_status, ts=now_ms())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
         planned = trial_config(trial.config, self.base, self.baseline).epochs
-        if last.get("diverged"):
+        if last.get("failure"):
+            kind = str(last["failure"])  # oom
+        elif last.get("diverged"):
             kind = "diverged"
         else:
             kind = "completed" if last.get("epoch", 0) >= planned else "early_stopped"
-        mlflow_status = "FAILED" if kind == "diverged" else "FINISHED"
+        mlflow_status = "FINISHED" if kind in ("completed", "early_stopped") else "FAILED"
         tags = {"stopped_by": "asha"} if kind == "early_stopped" else {}
-        self._safe("finish run", self._finish, trial, kind, mlflow_status, tags)
+        if last.get("error"):
+            tags["error"] = str(last["error"])[:500]
+        self._finish(trial, kind, mlflow_status, tags)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         msg = ""
         if trial.error_file:
             with contextlib.suppress(OSError):
                 msg = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
-        self._safe("finish run", self._finish, trial, "error", "FAILED", {"error": msg} if msg else {})
+        tags = {"error": msg} if msg else {}
+        tags["retries"] = str(trial.num_failures)
+        self._finish(trial, "error", "FAILED", tags)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        run_id = self._runs.get(trial.trial_id)
-        if run_id:
-            self._safe("tag retry", self.client.set_tag, run_id, "retries", str(trial.num_failures))
+        key = self.journal.key_of(trial.trial_id)
+        if key in self.journal.trials:
+            self.journal.append("log", key, tags=[["retries", str(trial.num_failures)]])
 
     def on_experiment_end(self, trials, **info) -> None:
         self.trial_statuses = {t.trial_id: t.status for t in trials}  # this Tuner's trials
 
-    def close_orphans(self, interrupted: bool) -> None:
+    def close_orphans(self, interrupted: bool) -> int:
         """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
-
-        def close() -> None:
-            if self.parent_id is None:
-                return
-            for run in self.client.search_runs(
-                [self.experiment_id],
-                f"tags.sweep = '{self.sweep}' and attributes.status = 'RUNNING'",
-                max_results=10000,
-            ):
-                if run.info.run_id == self.parent_id and not interrupted:
-                    continue  # the parent is closed by finish_parent, after the summary is logged
-                self.client.set_tag(run.info.run_id, "status", "interrupted")
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-
-        self._safe("close runs", close)
+        orphans = self.journal.open_trials()
+        for t in orphans:
+            self.journal.append("log", t.key, tags=[["status", "interrupted"]])
+            self.journal.append("status", t.key, status="KILLED", ts=now_ms())
+        if interrupted and self.journal.has_run(SWEEP_KEY):
+            self.journal.append("log", SWEEP_KEY, tags=[["status", "interrupted"]])
+            self.journal.append("status", SWEEP_KEY, status="KILLED", ts=now_ms())
+        return len(orphans)
 
     def log_summary(self, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
         """The best configuration (`best/*` params and scores), outcome counts and artifacts, on the parent."""
-        from mlflow.entities import Metric, Param
-
-        def write() -> None:
-            if self.parent_id is None:
-                return
-            ts = int(time.time() * 1000)
-            metrics = [Metric(f"trials/{k}", float(v), ts, 0) for k, v in summary["outcomes"].items()]
-            params = []
-            if best is not None:
-                params = [Param(f"best/{k}", str(v)) for k, v in best["config"].items() if k != "tags"]
-                params.append(Param("best/trial_id", best["trial_id"]))
-                for k in ("val/acc", "test/acc"):
-                    if finite(best.get(k)):
-                        metrics.append(Metric(f"best/{k}", float(best[k]), ts, 0))
-                conf = best.get("confirmation") or {}
-                for k in ("test_mean", "test_std", "n"):
-                    if k in conf:
-                        metrics.append(Metric(f"best/confirm/{k}", float(conf[k]), ts, 0))
-            if finite(summary.get("baseline_test_acc")):
-                metrics.append(Metric("baseline/test/acc", float(summary["baseline_test_acc"]), ts, 0))
-            existing = self.client.get_run(self.parent_id).data.params
-            params = [p for p in params if p.key not in existing]  # params are write-once (resumed sweeps)
-            self.client.log_batch(self.parent_id, metrics=metrics, params=params)
-            self.log_files(files)
-
-        self._safe("log sweep summary", write)
+        ts = now_ms()
+        metrics = [[f"trials/{k}", float(v), ts, 0] for k, v in summary["outcomes"].items()]
+        params = []
+        if best is not None:
+            params = [[f"best/{k}", str(v)] for k, v in best["config"].items() if k != "tags"]
+            params.append(["best/trial_id", best["trial_id"]])
+            for k in ("val/acc", "test/acc"):
+                if finite(best.get(k)):
+                    metrics.append([f"best/{k}", float(best[k]), ts, 0])
+            conf = best.get("confirmation") or {}
+            for k in ("test_mean", "test_std", "n"):
+                if k in conf:
+                    metrics.append([f"best/confirm/{k}", float(conf[k]), ts, 0])
+        if finite(summary.get("baseline_test_acc")):
+            metrics.append(["baseline/test/acc", float(summary["baseline_test_acc"]), ts, 0])
+        for k, v in (summary.get("data") or {}).items():
+            metrics.append([f"data/{k}", float(v), ts, 0])
+        self.journal.append("log", SWEEP_KEY, metrics=metrics, params=params)
+        self.log_files(files)
 
     def log_files(self, files: list[tuple[Path, str | None]]) -> None:
         for f, artifact_dir in files:
-            self._safe(f"log artifact {f.name}", self.client.log_artifact, self.parent_id, str(f), artifact_dir)
+            self.journal.append("artifact", SWEEP_KEY, path=str(Path(f).resolve()), dir=artifact_dir)
 
-    def close_parent(self) -> None:
-        def close() -> None:
-            if self.parent_id is not None:
-                self.client.set_tag(self.parent_id, "status", "completed")
-                self.client.set_terminated(self.parent_id, status="FINISHED")
+    def close_parent(self, status: str = "completed") -> None:
+        self.journal.append("log", SWEEP_KEY, tags=[["status", status]])
+        self.journal.append("status", SWEEP_KEY, status="FINISHED", ts=now_ms())
 
-        self._safe("close sweep run", close)
+
+def _plain(config: dict) -> dict:
+    return {k: v for k, v in config.items() if isinstance(v, str | int | float | bool | dict | list | None)}
 
 
 class ProgressCallback(tune.Callback):
@@ -297,6 +238,11 @@ class ProgressCallback(tune.Callback):
         if not self._counted:  # a resumed sweep starts with its finished trials counted
             self.done = sum(t.status in FINISHED_STATUSES for t in trials)
             self._counted = True
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        adopt = (trial.config.get("adopt") or {}).get("trial_id")
+        note = f" (continues {adopt})" if adopt else ""
+        print(f"{self._prefix()} {trial.trial_id} {trial.config.get('role', 'trial'):8s} started{note}", flush=True)
 
     def _prefix(self) -> str:
         return f"[{self.done}/{self.total} done, {time.monotonic() - self.started:6.0f}s]"
