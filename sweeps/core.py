@@ -135,14 +135,11 @@ def run_trial(
     experiment_path: str | None = None,
     faults: list | None = None,
 ) -> None:
-    import gc
-
     import ray
     import torch
     from ray import tune
 
     from cnnclf.data import TaskData
-    from cnnclf.train import train
     from sweeps.faults import fire
 
     faults = faults or []
@@ -200,28 +197,35 @@ def run_trial(
             (Path(d) / METRICS_FILE).write_text(json.dumps(m))  # beside the state: replayed after a crash
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
 
+    failure = train_or_oom(cfg, task_data, report, device=device, resume=resume)
+    if failure is not None:
+        tune.report({"epoch": 0, METRIC: 0.0, **failure, **extra})
+
+
+def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None) -> dict | None:
+    """`cnnclf.train.train`, with running out of device memory turned into a recorded failure.
+
+    Out of memory is a property of the configuration (batch, width), not bad luck: retrying
+    cannot help. The trial's tensors are freed (they live in train()'s frame, gone once the
+    exception is caught) and the allocator's cache emptied, so that later trials get the memory;
+    the result is the worst score for Optuna, so TPE learns. Returns None when training ran.
+    """
+    import gc
+
+    import torch
+
+    from cnnclf.train import train
+
     try:
-        train(cfg, task_data, report, device=device, resume=resume)
+        train(cfg, data, report, device=device, resume=resume)
+        return None
     except torch.OutOfMemoryError as e:
-        # Out of device memory is a property of the configuration (batch, width), not bad luck:
-        # retrying cannot help. Free what the trial held and end it as a recorded failure, the
-        # worst score for Optuna, so that later trials get the memory and TPE learns.
-        del e
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        tune.report(
-            {
-                "epoch": 0,
-                METRIC: 0.0,
-                "failure": "oom",
-                "error": "torch.OutOfMemoryError",
-                "resources/gpu_mem_after_mb": torch.cuda.memory_allocated() / 2**20
-                if torch.cuda.is_available()
-                else 0.0,
-                **extra,
-            }
-        )
+        message = str(e).splitlines()[0][:300] if str(e) else "out of memory"
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    allocated = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {"failure": "oom", "error": f"torch.OutOfMemoryError: {message}", "resources/gpu_mem_after_mb": allocated}
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict, dict] | None:

@@ -167,7 +167,8 @@ class MLflowCallback(tune.Callback):
             with contextlib.suppress(OSError):
                 msg = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
         tags = {"error": msg} if msg else {}
-        tags["retries"] = str(trial.num_failures)
+        tags["attempts"] = str(trial.num_failures)  # every attempt failed: the first and its retries
+        tags["retries"] = str(max(0, trial.num_failures - 1))
         self._finish(trial, "error", "FAILED", tags)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:

@@ -1,0 +1,428 @@
+"""Failure injection: sweeps survive crashes, bad data and outages with nothing lost.
+
+Real processes, real signals, real Ray, Optuna and MLflow (SQLite, and a real `mlflow server`
+subprocess for the outage), on small synthetic data. Faults inside trials come from
+`CNNCLF_FAULTS` (sweeps/faults.py); the driver kill and the server outage come from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnclf.data import CIFAR10_CLASSES
+from tests.conftest import class_image, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "sweeps" / "cifar10.py")
+SMALL = ["--fix", "width=8", "--fix", "depth=2", "--scheduler", "fifo", "--confirm", "0", "--no-download"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reldata") / "cifar"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    return root
+
+
+def paths(tmp: Path, name: str, uri: str | None = None) -> list[str]:
+    return [
+        "--tracking-uri",
+        uri or f"sqlite:///{tmp / 'mlflow.db'}",
+        "--storage-path",
+        str(tmp / "ray_results"),
+        "--name",
+        name,
+        "--out",
+        str(tmp / "out"),
+    ]
+
+
+def env(faults: list | None = None) -> dict:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    e.pop("CNNCLF_FAULTS", None)
+    if faults:
+        e["CNNCLF_FAULTS"] = json.dumps(faults)
+    return e
+
+
+def run(tmp: Path, args: list, faults: list | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp,
+        env=env(faults),
+    )
+
+
+def start(tmp: Path, args: list, faults: list | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp,
+        env=env(faults),
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 300) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"{needle!r} never came:\n{''.join(seen)[-3000:]}")
+
+
+def children(uri: str, sweep: str, experiment: str = "cifar10"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'", max_results=1000)
+    parents = [r for r in found if r.data.tags["role"] == "sweep"]
+    return client, parents, [r for r in found if r.data.tags["role"] != "sweep"]
+
+
+def steps(client, run_id: str, key: str = "epoch") -> list[int]:
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
+
+
+def study(tmp: Path, name: str) -> optuna.Study:
+    storage = f"sqlite:///{tmp / 'out' / name / 'optuna.db'}"
+    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+
+
+# --- 1. the driver SIGKILLed, then --resume ------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["early", "mid", "checkpoint"])
+def test_driver_killed_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, cifar_dir, when):
+    name = f"kill-{when}"
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "2", "--max-concurrent", "2",
+        "--fix", "batch_size=16", *SMALL, *paths(tmp_path, name),
+    ]  # fmt: skip
+    marker = tmp_path / "writing"
+    faults = None
+    if when == "checkpoint":  # the second epoch's checkpoint of a search trial takes long to write
+        faults = [
+            {"kind": "sleep", "at": "checkpoint", "epoch": 2, "match": {"role": "trial"}, "seconds": 120,
+             "marker": str(marker), "once": str(tmp_path / "once")},
+        ]  # fmt: skip
+    proc = start(tmp_path, args, faults)
+    if when == "early":
+        wait_for_line(proc, " started")  # the first trial has just begun
+    elif when == "mid":
+        wait_for_line(proc, " finished;")  # one trial done, others running or pending
+    else:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the checkpoint write never began"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    r = run(tmp_path, [*args, "--resume"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, parents, runs = children(uri, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    roles = Counter(r.data.tags["role"] for r in done)
+    assert roles == {"trial": 3, "baseline": 1}, [(r.data.tags, r.info.status) for r in runs]
+    assert len({r.data.tags["trial_id"] for r in done}) == 4
+    for r in runs:  # runs orphaned by the kill (if any) are closed as KILLED and tagged so
+        if r.info.status != "FINISHED":
+            assert r.info.status == "KILLED" and r.data.tags["status"] == "interrupted"
+    for r in done:  # no epoch logged twice
+        assert steps(client, r.info.run_id) == [1, 2], r.data.tags
+        assert steps(client, r.info.run_id, "val/acc") == [1, 2]
+    summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+    assert summary["outcomes"]["completed"] == 4 and sum(summary["outcomes"].values()) == 4
+    s = study(tmp_path, name)
+    states = Counter(t.state.name for t in s.trials)
+    assert states == {"COMPLETE": 3}, states  # nothing RUNNING, nothing twice
+    from cnnclf.train import load_model
+
+    model, cfg, meta = load_model(tmp_path / "out" / name / "best_model.pt")
+    assert cfg.width == 8 and len(meta["classes"]) == 10
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    if when != "early":
+        assert "continue" in r.stdout or "resuming" in r.stdout
+
+
+# --- 2. a trial's worker SIGKILLed ------------------------------------------------------------
+
+
+def test_worker_killed_trial_resumes_from_its_checkpoint(tmp_path, cifar_dir):
+    once = tmp_path / "killed"
+    faults = [{"kind": "kill", "at": "epoch_end", "epoch": 2, "match": {"role": "trial"}, "once": str(once)}]
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "3", "--no-baseline",
+        "--fix", "batch_size=16", *SMALL, *paths(tmp_path, "wk"),
+    ]  # fmt: skip
+    r = run(tmp_path, args, faults)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert once.exists()  # the worker really was killed
+    client, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "wk")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    retried = [r for r in runs if r.data.tags.get("retries") == "1"]
+    assert len(retried) == 1
+    assert steps(client, retried[0].info.run_id, "val/acc") == [1, 2, 3]
+    tid = retried[0].data.tags["trial_id"]
+    lines = (tmp_path / "ray_results" / "wk" / f"trial-{tid}" / "result.json").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["training_iteration"] == 3 and last["iterations_since_restore"] < 3  # resumed, not restarted
+
+
+# --- 3. a trial that always raises; 6. out of memory ------------------------------------------
+
+
+def test_trial_that_always_raises_fails_everywhere_and_the_rest_goes_on(tmp_path, cifar_dir):
+    faults = [{"kind": "raise", "at": "epoch_end", "epoch": 1, "match": {"batch_size": [">=", 64]}}]
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "1", "--max-failures", "1",
+        "--max-concurrent", "1", "--seed", "0", *SMALL, *paths(tmp_path, "raise"),
+    ]  # fmt: skip
+    r = run(tmp_path, args, faults)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # some trials failed
+    _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "raise")
+    big = [c for c in runs if int(c.data.params["batch_size"]) >= 64]
+    small = [c for c in runs if int(c.data.params["batch_size"]) < 64]
+    assert big and small, "seed 0 should give both batch sizes >= 64 and < 64"
+    for c in big:
+        assert c.info.status == "FAILED" and c.data.tags["status"] == "error"
+        assert c.data.tags["retries"] == "1" and "injected fault" in c.data.tags["error"]
+    assert all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in small)
+    summary = json.loads((tmp_path / "out" / "raise" / "summary.json").read_text())
+    assert summary["outcomes"]["error"] == len(big) and "ERROR" in summary["trial_statuses"].values()
+    states = Counter(t.state.name for t in study(tmp_path, "raise").trials)
+    assert states["FAIL"] == len(big) and "RUNNING" not in states
+    assert (tmp_path / "out" / "raise" / "report.html").is_file()
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
+    faults = [{"kind": "oom", "at": "epoch_end", "epoch": 1, "match": {"batch_size": [">=", 64]}}]
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "1", "--max-concurrent", "1",
+        "--no-baseline", "--seed", "0", *SMALL, *paths(tmp_path, "oom"),
+    ]  # fmt: skip
+    r = run(tmp_path, args, faults)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "oom")
+    oom = [c for c in runs if c.data.tags["status"] == "oom"]
+    assert len(oom) == 1 and oom[0].info.status == "FAILED" and "OutOfMemoryError" in oom[0].data.tags["error"]
+    assert oom[0].data.tags.get("retries") is None  # not retried: it would run out of memory again
+    later = [c for c in runs if c.info.start_time > oom[0].info.end_time]
+    assert later and all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in later)
+    trials = study(tmp_path, "oom").trials
+    ooms = [t for t in trials if t.user_attrs.get("status") == "oom"]
+    assert len(ooms) == 1 and ooms[0].state.name == "COMPLETE" and ooms[0].value == 0.0  # worst value: TPE learns
+    summary = json.loads((tmp_path / "out" / "oom" / "summary.json").read_text())
+    assert summary["outcomes"]["oom"] == 1 and summary["outcomes"]["completed"] == 2
+
+
+def test_train_or_oom_turns_oom_into_a_failure_result():
+    from cnnclf.data import TaskData
+    from sweeps.cifar10 import SPEC
+    from sweeps.core import train_or_oom
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(40) % 10
+    data = TaskData("cifar10", CIFAR10_CLASSES, x, y, x[:20], y[:20], x[:20], y[:20])
+    cfg = SPEC.base.replace(width=8, depth=2, epochs=2, batch_size=16)
+
+    def report(epoch, metrics, save):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result = train_or_oom(cfg, data, report, device="cpu")
+    assert result["failure"] == "oom" and "Tried to allocate" in result["error"]
+    assert train_or_oom(cfg, data, lambda *a: None, device="cpu") is None
+
+
+@pytest.mark.gpu
+def test_out_of_memory_releases_device_memory():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from cnnclf.data import TaskData
+    from sweeps.cifar10 import SPEC
+    from sweeps.core import train_or_oom
+
+    x = torch.randint(0, 255, (512, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(512) % 10
+    data = TaskData("cifar10", CIFAR10_CLASSES, x, y, x, y, x, y).to("cuda")
+    before = torch.cuda.memory_allocated()
+    cfg = SPEC.base.replace(width=64, depth=6, epochs=1, batch_size=256)
+
+    def report(epoch, metrics, save):
+        raise torch.OutOfMemoryError("injected")
+
+    assert train_or_oom(cfg, data, report, device="cuda")["failure"] == "oom"
+    assert torch.cuda.memory_allocated() == before  # the model, optimizer and activations are gone
+
+
+# --- 4. NaN divergence ------------------------------------------------------------------------
+
+
+def test_diverged_trials_stop_within_one_epoch_and_are_recorded_everywhere(tmp_path, cifar_dir):
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "3", "--max-concurrent", "1",
+        "--fix", "model=tutorial", "--fix", "optimizer=sgd", "--fix", "lr=50", "--fix", "momentum=0.9",
+        "--fix", "schedule=constant", "--fix", "warmup_epochs=0", "--fix", "batch_size=8",
+        *SMALL, *paths(tmp_path, "nan"),
+    ]  # fmt: skip
+    r = run(tmp_path, args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # divergence is an outcome, not a crash
+    assert "DIVERGED" in r.stdout
+    client, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan")
+    trials = [c for c in runs if c.data.tags["role"] == "trial"]
+    assert len(trials) == 2
+    for c in trials:
+        assert c.info.status == "FAILED" and c.data.tags["status"] == "diverged"
+        assert steps(client, c.info.run_id) == [1]  # stopped in its first epoch
+        assert "val/acc" not in c.data.metrics  # the stand-in 0.0 is for Tune and Optuna only
+    baseline = next(c for c in runs if c.data.tags["role"] == "baseline")
+    assert baseline.info.status == "FINISHED"
+    summary = json.loads((tmp_path / "out" / "nan" / "summary.json").read_text())
+    assert summary["outcomes"]["diverged"] == 2 and summary["outcomes"]["completed"] == 1
+    ot = study(tmp_path, "nan").trials
+    assert [(t.state.name, t.value, t.user_attrs["status"]) for t in ot] == [("COMPLETE", 0.0, "diverged")] * 2
+
+
+# --- 7. the MLflow server goes down ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `mlflow server` on a SQLite store; stopped and started again on the same port and store."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        cmd = [
+            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
+            "--artifacts-destination", str(self.tmp / "server-artifacts"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.stop()
+
+
+def test_mlflow_outage_mid_sweep_loses_nothing(tmp_path, cifar_dir, server):
+    server.start()
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "3", "--max-concurrent", "1",
+        "--no-baseline", "--fix", "batch_size=4", *SMALL, *paths(tmp_path, "out1", server.uri),
+    ]  # fmt: skip
+    proc = start(tmp_path, args)
+    wait_for_line(proc, "epoch 1/3")
+    server.stop()  # down for the middle of the sweep
+    seen = wait_for_line(proc, "epoch 3/3")  # training went on meanwhile
+    server.start()
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(seen) + out
+    assert proc.returncode == 0, text[-3000:]
+    assert "unreachable" in text and "reachable again" in text
+    client, parents, runs = children(server.uri, "out1")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert steps(client, r.info.run_id, "val/acc") == [1, 2, 3] and "test/acc" in r.data.metrics
+    assert "report" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_mlflow_down_until_the_end_then_sync_writes_everything(tmp_path, cifar_dir, server):
+    server.start()
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "2", "--max-concurrent", "1",
+        "--no-baseline", "--fix", "batch_size=16", "--mlflow-wait", "3", *SMALL, *paths(tmp_path, "out2", server.uri),
+    ]  # fmt: skip
+    proc = start(tmp_path, args)
+    wait_for_line(proc, " started")
+    server.stop()  # and it stays down
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "--sync" in out and "stayed unreachable" in out
+    assert (tmp_path / "out" / "out2" / "summary.json").is_file()  # the sweep itself finished
+
+    r = run(tmp_path, ["--sync", "--name", "out2", "--out", tmp_path / "out"])
+    assert r.returncode == 2 and "--tracking-uri" in r.stderr  # still down: a one-line error, nothing lost
+    server.start()
+    r = run(tmp_path, ["--sync", "--name", "out2", "--out", tmp_path / "out"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, parents, runs = children(server.uri, "out2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "best/val/acc" in parents[0].data.metrics
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert steps(client, r.info.run_id, "val/acc") == [1, 2]
+    assert (tmp_path / "out" / "out2" / "report.html").is_file()
+
+
+def test_mlflow_unreachable_at_start_exits_2_before_training(tmp_path, cifar_dir):
+    port = free_port()
+    r = run(
+        tmp_path,
+        ["--data-dir", cifar_dir, "--num-samples", "2", *SMALL, *paths(tmp_path, "x", f"http://127.0.0.1:{port}")],
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--tracking-uri" in r.stderr
+    assert "epoch" not in r.stdout and not (tmp_path / "ray_results").exists() and not (tmp_path / "out").exists()
