@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -161,8 +162,10 @@ def run_trial(
     # (written after Tune's last snapshot), or one of the trial this one continues (`adopt`).
     folders = [Path(d) for d in (config.get("adopt") or {}).get("dirs", [])]
     trial_id = tune.get_context().get_trial_id()
+    own_folder = None
     if experiment_path and "://" not in experiment_path:
-        folders.append(Path(experiment_path) / f"{config.get('role', 'trial')}-{trial_id}")
+        own_folder = Path(experiment_path) / f"{config.get('role', 'trial')}-{trial_id}"
+        folders.append(own_folder)
     found = _newest_checkpoint(folders)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -196,6 +199,8 @@ def run_trial(
             fire(faults, "checkpoint", config, epoch)
             (Path(d) / METRICS_FILE).write_text(json.dumps(m))  # beside the state: replayed after a crash
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+        if own_folder is not None:
+            prune_checkpoints(own_folder)
 
     failure = train_or_oom(cfg, task_data, report, device=device, resume=resume)
     if failure is not None:
@@ -226,6 +231,36 @@ def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None) -> di
         torch.cuda.empty_cache()
     allocated = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     return {"failure": "oom", "error": f"torch.OutOfMemoryError: {message}", "resources/gpu_mem_after_mb": allocated}
+
+
+KEEP_RECENT_S = 300.0  # well beyond Tune's experiment snapshot period (10 s or more, "auto")
+
+
+def prune_checkpoints(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete a trial's old checkpoints: keep the newest, the best by val/acc, and all from the last
+    KEEP_RECENT_S seconds.
+
+    Tune itself keeps them all (num_to_keep=None) because its own pruning deletes a checkpoint
+    before its next experiment snapshot stops pointing at it: a driver killed in between leaves a
+    trial that cannot be restored. Pruning with a lag longer than the snapshot period avoids that.
+    """
+    now = time.time() if now is None else now
+    found = []
+    for d in folder.glob("checkpoint_*"):
+        try:
+            m = json.loads((d / METRICS_FILE).read_text())
+            found.append((m.get("epoch", 0), m.get(METRIC, -1.0), d.stat().st_mtime, d))
+        except (OSError, ValueError):
+            continue  # being written, or cut short: not ours to judge
+    if len(found) <= 2:
+        return []
+    keep = {max(found, key=lambda f: f[0])[3], max(found, key=lambda f: (f[1], f[0]))[3]}
+    gone = []
+    for _epoch, _acc, mtime, d in found:
+        if d not in keep and now - mtime > KEEP_RECENT_S:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
@@ -294,7 +329,11 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
     p.add_argument("--ray-num-gpus", type=float, default=None, help=argparse.SUPPRESS)  # declare GPUs (tests)
-    p.add_argument("--storage-path", default="ray_results", help="local folder, NFS path or s3://bucket/prefix")
+    p.add_argument(
+        "--storage-path",
+        default=os.environ.get("CNNCLF_STORAGE_PATH", "ray_results"),
+        help="local folder, NFS path or s3://bucket/prefix (default: $CNNCLF_STORAGE_PATH, else ./ray_results)",
+    )
     p.add_argument("--name", default=None, help="sweep name (default: task-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
@@ -477,12 +516,47 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
 
 
 def _can_restore(storage: str, name: str) -> bool:
+    """Whether Tune can restore the experiment: its state files exist and read back whole.
+
+    Tune writes and copies those files in place, so a driver killed at the wrong moment leaves
+    one truncated, and Tune's own fallback then silently starts the experiment over. A local
+    experiment with such a file is not restorable; the sweep continues from its journal instead.
+    """
     from ray import tune
 
+    path = f"{storage.rstrip('/')}/{name}"
     try:
-        return tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}")
+        if not tune.Tuner.can_restore(path):
+            return False
     except Exception:
         return False
+    if "://" in path:
+        return True
+    import cloudpickle
+
+    folder = Path(path)
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        if not states:
+            return False
+        json.loads(states[-1].read_text())
+        for f in [folder / "tuner.pkl", *folder.glob("searcher-state-*.pkl")]:
+            with open(f, "rb") as fh:
+                cloudpickle.load(fh)  # our own experiment folder: trusted, as Tune's own restore assumes
+    except Exception:
+        return False
+    return True
+
+
+def _set_aside_tune_state(storage: str, name: str) -> None:
+    """Rename a cut-short Tune state out of the way, so a fresh Tuner starts clean beside the trial folders."""
+    folder = Path(storage) / name
+    if "://" in storage or not folder.is_dir():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for pattern in ("experiment_state-*.json", "searcher-state-*.pkl", "tuner.pkl", "basic-variant-state-*.json"):
+        for f in folder.glob(pattern):
+            f.rename(f.with_name(f"{f.name}.unreadable-{stamp}"))
 
 
 def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, faults=()) -> int:
@@ -517,8 +591,11 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
     try:
         gpus_available = ray.cluster_resources().get("GPU", 0)
         gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus_available else 0.0)
-        if gpus > 0 and not gpus_available:
+        if gpus > 0 and not gpus_available and args.address is None:
             raise UsageError("argument --gpus-per-trial: the Ray cluster has no GPUs")
+        if gpus > 0 and not gpus_available:
+            # cluster.yaml scales GPU workers from zero: trials waiting for a GPU make the autoscaler add one.
+            print("no GPU node in the cluster yet; the trials wait for the autoscaler to add one", flush=True)
         if base.normalize == "dataset" or baseline.normalize == "dataset":
             data.train_stats()  # once here, not once per trial
         arrays = {
@@ -573,7 +650,12 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
             known = _known_trials(tuner)
         else:
             if args.resume:
-                print(f"resuming sweep {name}: Tune saved no state before it stopped; starting it from the journal")
+                _set_aside_tune_state(storage, name)
+                print(
+                    f"resuming sweep {name}: Tune's saved state is missing or was cut short; continuing from the "
+                    "sweep's journal",
+                    flush=True,
+                )
             baseline_cfg = None
             if with_baseline:
                 baseline_cfg = {k: v for k, v in baseline.to_dict().items() if k in _baseline_keys()}
@@ -604,9 +686,10 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
                     storage_path=storage,
                     callbacks=[mlflow_cb, progress],
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    # Tune keeps every checkpoint; the trial prunes its own, with a lag (prune_checkpoints).
                     checkpoint_config=tune.CheckpointConfig(
-                        num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-                    ),  # the best checkpoint, and Tune always keeps the latest too
+                        checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                    ),
                     verbose=0,
                 ),
             )
@@ -632,6 +715,8 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
                 ctuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress_c]
                 cknown = _known_trials(ctuner)
             else:
+                if args.resume:
+                    _set_aside_tune_state(storage, f"{name}-confirm")
                 ctuner = tune.Tuner(
                     trainable_for(confirm_path),
                     tune_config=tune.TuneConfig(
@@ -645,7 +730,7 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
                         storage_path=storage,
                         callbacks=[mlflow_cb, progress_c],
                         failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                        checkpoint_config=tune.CheckpointConfig(),
                         verbose=0,
                     ),
                 )

@@ -1,0 +1,410 @@
+"""The cluster launcher configs under Ray's own schema check, and a real two-node sweep on this machine.
+
+What cannot run here (cloud provisioning, S3 and GCS, GPU workers, the MLflow server on the head) is
+listed in README.md's "Cluster" section, with the commands that check it on a real cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from packaging.requirements import Requirement
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cnnclf.data import CIFAR10_CLASSES
+from tests.conftest import class_image, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("cluster*.yaml"))
+CLOUD = {"aws": "s3://", "gcp": "gs://"}  # provider type -> the object store its storage path is on
+
+# GPUs and vCPUs of the instance types the configs may use, from the providers' documentation
+# (AWS: g5.xlarge 1x A10G, g5.48xlarge 8x A10G; GCP: g2-standard-8 1x L4, g2-standard-96 8x L4).
+# The check that the "8-GPU type" really has 8 GPUs rests on this table; add a row to use another type.
+INSTANCE_TYPES = {
+    "m5.xlarge": (0, 4),
+    "g5.xlarge": (1, 4),
+    "g5.48xlarge": (8, 192),
+    "n2-standard-4": (0, 4),
+    "g2-standard-8": (1, 8),
+    "g2-standard-96": (8, 96),
+}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def check(config: dict) -> None:
+    """Ray's own offline check, as `ray up` runs it: defaults merged in, then the JSON schema."""
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def provider(config: dict) -> str:
+    return config["provider"]["type"]
+
+
+def hardware(node_type: dict) -> tuple[int, int]:
+    """(GPUs, vCPUs) of a node type's instance type."""
+    node_config = node_type["node_config"]
+    name = node_config.get("InstanceType") or node_config["machineType"]
+    assert name in INSTANCE_TYPES, f"{name}: add its GPUs and vCPUs to INSTANCE_TYPES"
+    return INSTANCE_TYPES[name]
+
+
+def commands(config: dict, *keys: str) -> str:
+    return "\n".join(cmd for key in keys for cmd in config.get(key, []))
+
+
+def pins(text: str) -> dict[str, str]:
+    """`name==version` pins in shell commands, e.g. torch==2.14.1 or "ray[default,tune]==2.60.0"."""
+    return {m[1].lower(): m[2] for m in re.finditer(r"\b([A-Za-z][\w-]*)(?:\[[^\]]*\])?==([\w.+-]+)", text)}
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+@pytest.fixture(params=CONFIGS, ids=lambda p: p.name)
+def config_path(request, monkeypatch) -> Path:
+    monkeypatch.chdir(ROOT)  # file_mounts' local paths are relative to the repo root, where `ray up` runs
+    return request.param
+
+
+# --- offline validation ---------------------------------------------------------------------------
+
+
+def test_cluster_yaml_is_the_aws_config():
+    names = {p.name for p in CONFIGS}
+    assert "cluster.yaml" in names
+    assert provider(load(ROOT / "cluster.yaml")) == "aws"
+
+
+def test_config_passes_rays_schema_check(config_path):
+    check(load(config_path))
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda c: c.__setitem__("idle_timout_minutes", c.pop("idle_timeout_minutes")), id="top-level"),
+        pytest.param(lambda c: c["auth"].__setitem__("ssh_usr", c["auth"].pop("ssh_user")), id="auth"),
+        pytest.param(lambda c: c.__setitem__("setup_command", c.pop("setup_commands")), id="commands"),
+    ],
+)
+def test_a_mistyped_key_is_rejected(config_path, break_it):
+    config = load(config_path)
+    break_it(config)
+    with pytest.raises(jsonschema.ValidationError, match="was unexpected"):
+        check(config)
+
+
+def test_node_type_mistakes_are_rejected(config_path):
+    config = load(config_path)
+    if "available_node_types" not in config:
+        pytest.skip("the local provider has no node types")
+    worker = next(name for name in config["available_node_types"] if name != config["head_node_type"])
+
+    mistyped = copy.deepcopy(config)
+    node = mistyped["available_node_types"][worker]
+    node["min_worker"] = node.pop("min_workers")
+    with pytest.raises(jsonschema.ValidationError, match="'min_worker' was unexpected"):
+        check(mistyped)
+
+    # Cluster resources are whole units; fractional GPUs belong to trials (--gpus-per-trial).
+    fractional = copy.deepcopy(config)
+    fractional["available_node_types"][worker]["resources"]["GPU"] = 0.5
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'integer'"):
+        check(fractional)
+
+
+def test_gpu_workers_scale_from_zero_and_the_head_has_no_gpu(config_path):
+    config = load(config_path)
+    if provider(config) == "local":
+        # A fixed set of machines: nothing scales; the head's Ray start keeps trials and GPUs off it.
+        head_start = commands(config, "head_start_ray_commands")
+        assert "--num-gpus=0" in head_start and "--num-cpus=0" in head_start
+        assert config["provider"]["head_ip"] and config["provider"]["worker_ips"]
+        return
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert hardware(head)[0] == 0, "the head's instance type has GPUs"
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"].get("CPU") == 0, "trials would run on the head"
+
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpus = []
+    for name, worker in workers.items():
+        n_gpus, n_cpus = hardware(worker)
+        assert worker["resources"] == {"CPU": n_cpus, "GPU": n_gpus}, f"{name}: resources differ from the hardware"
+        assert worker["min_workers"] == 0, f"{name}: an idle cluster would keep paying for it"
+        assert 1 <= worker["max_workers"] <= config["max_workers"], name
+        gpus.append(n_gpus)
+    assert sorted(gpus) == [1, 8], "expected a 1-GPU and an 8-GPU worker type"
+
+    assert 0 < config.get("idle_timeout_minutes", 0) <= 10, "set idle_timeout_minutes, so idle workers go away"
+    if provider(config) == "aws":
+        stopped = config["provider"].get("cache_stopped_nodes", True)  # Ray's default: stop, not terminate
+        assert stopped is False, "a stopped instance still bills its EBS volume: terminate idle workers"
+
+
+def test_every_node_installs_this_project_with_the_pinned_versions(config_path):
+    config = load(config_path)
+    setup = commands(config, "setup_commands")  # run on the head and on every worker
+    assert not config.get("worker_setup_commands"), "workers would differ from the head"
+    pinned = pins(setup)
+
+    # torch and torchvision exactly as .ci/run (and the README) install them, and within pyproject's ranges.
+    ci_pins = pins((ROOT / ".ci" / "run").read_text())
+    deps = {Requirement(d).name: Requirement(d) for d in pyproject()["project"]["dependencies"]}
+    for name in ("torch", "torchvision"):
+        assert pinned[name] == ci_pins[name], name
+        assert deps[name].specifier.contains(pinned[name]), f"pyproject.toml does not admit {name}=={pinned[name]}"
+    # Ray within pyproject's range, and the one the README installs for `ray up`: launcher and cluster agree.
+    assert deps["ray"].specifier.contains(pinned["ray"])
+    launcher = re.search(r"pip install [^\n]*\"ray\[default\]==([\w.]+)\"", (ROOT / "README.md").read_text())
+    assert launcher and launcher[1] == pinned["ray"], "README's launcher Ray differs from the cluster's"
+
+    # The project is synced to one folder on every node and installed from there, after torch.
+    mounts = config["file_mounts"]
+    roots = {str(Path(remote).parent) for remote in mounts}
+    assert len(roots) == 1, roots
+    (root,) = roots
+    synced = {Path(remote).name for remote in mounts}
+    packages = set(pyproject()["tool"]["setuptools"]["packages"])
+    assert packages | {"pyproject.toml", pyproject()["project"]["readme"]} <= synced
+    for local in mounts.values():
+        assert (ROOT / local).exists(), local
+    install = re.search(rf"pip install .*-e {re.escape(root)}(\s|$)", setup)
+    assert install, f"no `pip install -e {root}` in setup_commands"
+    assert setup.index("torch==") < install.start(), "install torch before the project, so pip keeps the pin"
+
+
+def test_mlflow_server_runs_on_the_head_only(config_path):
+    config = load(config_path)
+    head = commands(config, "head_setup_commands", "head_start_ray_commands")
+    workers = commands(config, "setup_commands", "worker_setup_commands", "worker_start_ray_commands")
+    assert head.count("mlflow server") == 1 and "mlflow server" not in workers
+    server = head[head.index("mlflow server") :]
+    # Backend store on the head's own disk; only the driver (on the head) writes, so localhost only.
+    assert re.search(r"--backend-store-uri sqlite:///\$HOME/", server)
+    assert "--host 127.0.0.1" in server
+    artifacts = re.search(r"--artifacts-destination (\S+?)'?(\s|$)", server)[1]
+    kind = provider(config)
+    assert artifacts.startswith(CLOUD.get(kind, "/mnt/nfs/")), f"{kind}: artifacts at {artifacts}"
+
+
+def test_every_node_gets_the_same_shared_storage_path(config_path):
+    config = load(config_path)
+    setup = commands(config, "setup_commands")
+    (storage,) = re.findall(r"echo 'export CNNCLF_STORAGE_PATH=([^']+)'", setup)
+    kind = provider(config)
+    assert storage.startswith(CLOUD.get(kind, "/mnt/nfs/")), f"{kind}: Tune's storage path {storage} is not shared"
+    if kind in CLOUD:
+        # Trials upload their own checkpoints, so every GPU worker needs write access to the bucket.
+        bucket = storage.split("/")[2]
+        artifacts = re.search(r"--artifacts-destination (\S+?)'?(\s|$)", commands(config, "head_start_ray_commands"))
+        assert artifacts[1].split("/")[2] == bucket, "MLflow's artifacts and Tune's storage in different buckets"
+        for name, node in config["available_node_types"].items():
+            if name != config["head_node_type"]:
+                node_config = node["node_config"]
+                assert "IamInstanceProfile" in node_config or "serviceAccounts" in node_config, name
+
+
+# --- a real multi-node run on one machine ---------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    address: str  # the GCS, as `--address` takes it
+    node_ids: set[str]
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _free_port_range(n: int = 100) -> tuple[int, int]:
+    """n consecutive free ports, away from Ray's default worker ports (10002-19999) other Ray instances use."""
+    for _ in range(200):
+        low = random.randrange(20000, 60000 - n)
+        try:
+            for port in range(low, low + n):
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        return low, low + n - 1
+    raise RuntimeError("no free port range")
+
+
+def _node_ports() -> list[str]:
+    """Every port a node opens, chosen here: two nodes share this machine (and other Ray instances may too)."""
+    low, high = _free_port_range()
+    args = ["--min-worker-port", str(low), "--max-worker-port", str(high)]
+    for flag in (
+        "--node-manager-port",
+        "--object-manager-port",
+        "--metrics-export-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+    ):
+        args += [flag, str(_free_port())]
+    return args
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start --block`: the process stays ours, and SIGTERM to it stops the node's processes."""
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    proc = subprocess.Popen(
+        [ray_cli, "start", "--block", "--num-cpus", "1", "--num-gpus", "0", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # no terminal signal from pytest reaches it; we stop it ourselves
+    )
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _alive_node_ids(address: str) -> set[str]:
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    infos = GcsClient(address=address).get_all_node_info(timeout=30).values()
+    return {info.node_id.hex() for info in infos if info.state == GcsNodeInfo.ALIVE}
+
+
+def _stop(procs: list[subprocess.Popen], temp_dir: Path) -> None:
+    for proc in reversed(procs):  # the worker node before the head
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+    # Anything still naming our private temp dir was started by these nodes: stop it by its pid.
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp_dir) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[Cluster]:
+    """A Ray head and a second Ray node, 1 CPU each, as separate processes on this machine."""
+    # Its own short temp dir (Unix socket paths must stay under 108 bytes), so nothing here touches
+    # /tmp/ray or the address that a plain ray.init() elsewhere on this machine would connect to.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    # Token auth off for these private nodes: a token in ~/.ray would otherwise enable it on the head only.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    common = ["--temp-dir", str(temp_dir), "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        head_args = ["--head", "--port", str(port), "--include-dashboard", "false"]
+        head_args += ["--dashboard-port", str(_free_port()), *common, *_node_ports()]
+        procs.append(_start_node(head_args, temp_dir / "head.log", env))
+        address = f"127.0.0.1:{port}"
+        procs.append(_start_node(["--address", address, *common, *_node_ports()], temp_dir / "node2.log", env))
+        deadline = time.monotonic() + 60
+        while len(node_ids := _alive_node_ids(address)) < 2:
+            assert time.monotonic() < deadline, f"only {len(node_ids)} node(s) joined"
+            time.sleep(1)
+        yield Cluster(address=address, node_ids=node_ids, env=env)
+    finally:
+        _stop(procs, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "cifar"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_sweep_spreads_over_two_nodes(two_nodes, cifar_dir, tmp_path):
+    name = "two-nodes"
+    run = tmp_path / "run"
+    run.mkdir()
+    storage = run / "ray_results"  # one folder both nodes see, as S3 or NFS is on a real cluster
+    tracking = f"sqlite:///{run / 'mlflow.db'}"
+    cmd = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--smoke-test", "--address", two_nodes.address]
+    cmd += ["--data-dir", str(cifar_dir), "--tracking-uri", tracking, "--storage-path", str(storage)]
+    cmd += ["--name", name, "--out", str(run / "out"), "--no-download"]
+    # One CPU per trial and per node, two at once: the second trial can only run on the other node.
+    cmd += ["--max-concurrent", "2", "--cpus-per-trial", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=run, env=two_nodes.env)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+
+    # Tune's results, written by the trials into the shared storage path: 2 trials + the baseline,
+    # then 1 confirmation run; every result names the node that produced it.
+    trial_dirs = [d for d in sorted(storage.glob(f"{name}*/*")) if d.is_dir()]
+    assert len(trial_dirs) == 4, trial_dirs
+    nodes_in_results = set()
+    for d in trial_dirs:
+        results = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        assert results, d
+        assert all(res["node_id"] in two_nodes.node_ids for res in results), d
+        nodes_in_results |= {res["node_id"] for res in results}
+        last = results[-1]
+        assert last["epoch"] == 1 and "val/acc" in last and "test/acc" in last, d
+        assert any(d.glob("checkpoint_*")), f"{d}: no checkpoint in the shared storage"
+    print(f"trials ran on nodes {sorted(nodes_in_results)}")
+    assert nodes_in_results == two_nodes.node_ids, "the trials did not run on both nodes"
+
+    # MLflow, written by the driver only: the sweep's parent run and one finished child run per trial.
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("cifar10")
+    found = client.search_runs([experiment.experiment_id], f"tags.sweep = '{name}'", max_results=100)
+    parents = [x for x in found if x.data.tags["role"] == "sweep"]
+    children = [x for x in found if x.data.tags["role"] != "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(x.data.tags["role"] for x in children) == ["baseline", "confirm", "trial", "trial"]
+    assert {x.info.status for x in found} == {"FINISHED"}, "a run was left RUNNING or failed"
+    for child in children:
+        assert {"val/acc", "test/acc", "epoch"} <= set(child.data.metrics), child.data.tags["trial_id"]
+        assert child.data.tags["node_id"] in two_nodes.node_ids
+    assert {x.data.tags["node_id"] for x in children} == two_nodes.node_ids
+    assert (run / "out" / name / "best_config.json").is_file()
