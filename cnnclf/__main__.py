@@ -6,7 +6,8 @@
     python -m cnnclf prepare --task catdog --data-dir data
 
 Exit codes: 0 success, 2 bad arguments or unusable input (one line on stderr naming the
-flag or file), 1 anything else (a diverged run included).
+flag or file), 1 anything else (a diverged run included). Every argument is checked before
+anything is written or any data is read, so a bad one costs no time and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import sys
 from pathlib import Path
 
 from cnnclf.config import DEFAULT_PRESET, PRESETS, TASKS, ConfigError, TrainConfig, get_preset
-from cnnclf.data import DataError, load_task
+
+# cnnclf.data, cnnclf.train and torch are imported inside the commands: a mistyped flag is
+# reported in a fraction of a second instead of after torch's import.
 
 
 class UsageError(Exception):
@@ -46,8 +49,23 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _nonnegative_float(s: str) -> float:
+    v = float(s)
+    if not (v >= 0 and math.isfinite(v)):  # NaN fails both comparisons; inf warm-up never ends
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _path(s: str) -> Path:
+    if not s.strip():  # Path("") is the working directory: never what an empty value meant
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(s)
+
+
 _positive_int.__name__ = "positive integer"  # argparse names the type in its message
 _positive_float.__name__ = "positive number"
+_nonnegative_float.__name__ = "number"
+_path.__name__ = "path"
 
 
 def build_parser() -> Parser:
@@ -61,15 +79,15 @@ def build_parser() -> Parser:
     t.add_argument("--model", choices=["tutorial", "cnn"])
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     t.add_argument("--lr", type=_positive_float)
-    t.add_argument("--momentum", type=float)
+    t.add_argument("--momentum", type=_nonnegative_float)
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--weight-decay", type=_nonnegative_float)
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--schedule", choices=["constant", "cosine", "linear"])
-    t.add_argument("--warmup-epochs", type=float)
-    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--warmup-epochs", type=_nonnegative_float)
+    t.add_argument("--label-smoothing", type=_nonnegative_float)
     t.add_argument("--depth", type=_positive_int)
     t.add_argument("--kernel-size", type=int, choices=[3, 5, 7])
     t.add_argument("--width", type=_positive_int)
@@ -78,22 +96,22 @@ def build_parser() -> Parser:
     t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
     t.add_argument("--subset", type=_positive_int, help="train on this many training images")
     t.add_argument("--seed", type=int)
-    t.add_argument("--data-dir", type=Path, default=Path("data"))
+    t.add_argument("--data-dir", type=_path, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--save", type=Path, help="write the final checkpoint here (for predict, or to resume)")
-    t.add_argument("--resume", type=Path, help="continue from a checkpoint written by --save")
+    t.add_argument("--save", type=_path, help="write the final checkpoint here (for predict, or to resume)")
+    t.add_argument("--resume", type=_path, help="continue from a checkpoint written by --save")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object, last on stdout")
 
     pr = sub.add_parser("predict", help="classify images with a saved checkpoint")
-    pr.add_argument("--checkpoint", type=Path, required=True)
-    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument("--checkpoint", type=_path, required=True)
+    pr.add_argument("images", type=_path, nargs="+")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     pr.add_argument("--json", action="store_true")
 
     pp = sub.add_parser("prepare", help="download (if missing), decode and cache a task's data")
     pp.add_argument("--task", choices=TASKS, required=True)
-    pp.add_argument("--data-dir", type=Path, default=Path("data"))
+    pp.add_argument("--data-dir", type=_path, default=Path("data"))
     pp.add_argument("--image-size", type=_positive_int)
     pp.add_argument("--no-download", action="store_true")
     return p
@@ -118,6 +136,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(f"argument --{str(e).split('=', 1)[0].replace('_', '-')}: {e}") from None
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def _device(name: str):
     from cnnclf.train import resolve_device
 
@@ -127,21 +149,68 @@ def _device(name: str):
         raise UsageError(f"argument --device: {e}") from None
 
 
+def _load_task(task: str, data_dir: Path, **kw: object):
+    from cnnclf.data import DataError, load_task
+
+    try:
+        return load_task(task, data_dir, **kw)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    from cnnclf.train import check_model_fits
+
+    try:
+        check_model_fits(cfg)
+    except ValueError as e:
+        raise UsageError(f"argument --image-size: {e}") from None
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    """A file the run will write at the end: refuse a folder or an unwritable place now, not after training."""
+    if path.is_dir():
+        raise UsageError(f"argument {flag}: {path} is a folder; give a file name")
+    parent = next(p for p in path.parents if p.exists())  # missing folders are created at the end
+    if not parent.is_dir():
+        raise UsageError(f"argument {flag}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"argument {flag}: {parent} is not writable")
+
+
+def _load_resume(path: Path, cfg: TrainConfig) -> dict:
+    from cnnclf.train import load_checkpoint
+
+    if not path.is_file():
+        raise UsageError(f"argument --resume: no checkpoint at {path}")
+    try:
+        state = load_checkpoint(path)
+        saved = TrainConfig.from_dict(state["config"])
+        int(state["epoch"])
+    except Exception as e:
+        raise UsageError(f"argument --resume: {path} is not a cnnclf checkpoint ({type(e).__name__})") from None
+    if saved != cfg:
+        raise UsageError(f"argument --resume: {path} was trained with a different config")
+    return state
+
+
+def _skipped_summary(m: dict) -> str:
+    reasons = ", ".join(f"{n} {r}" for r, n in m.get("skipped_by_reason", {}).items())
+    return f"{m['files_skipped']} files skipped" + (f": {reasons}" if reasons else "")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from cnnclf.train import load_checkpoint, train
+    from cnnclf.train import train
 
     cfg = config_from_args(args)
+    _check_model(cfg)
     device = _device(args.device)
-    resume = None
-    if args.resume is not None:
-        if not args.resume.is_file():
-            raise UsageError(f"argument --resume: no checkpoint at {args.resume}")
-        resume = load_checkpoint(args.resume)
-        if TrainConfig.from_dict(resume["config"]) != cfg:
-            raise UsageError(f"argument --resume: {args.resume} was trained with a different config")
-    data = load_task(
+    resume = _load_resume(args.resume, cfg) if args.resume is not None else None
+    if args.save is not None:
+        _check_output_file(args.save, "--save")
+    data = _load_task(
         cfg.task,
         args.data_dir,
         image_size=cfg.image_size,
@@ -154,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = data.manifest
     print(
         f"{cfg.task}: {m['splits']['train']['n']} train / {m['splits']['val']['n']} val / "
-        f"{m['splits']['test']['n']} test images ({m['layout']}, {m['files_skipped']} files skipped, "
+        f"{m['splits']['test']['n']} test images ({m['layout']}; {_skipped_summary(m)}; "
         f"manifest {m['manifest_path']}); device {device}",
         file=sys.stderr,
     )
@@ -168,10 +237,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, data, report, device=device, resume=resume)
     bar.close()
-    if not args.json:
+    data_summary = {
+        "layout": m["layout"],
+        "files_read": m["files_read"],
+        "files_skipped": m["files_skipped"],
+        "skipped_by_reason": m["skipped_by_reason"],
+        "manifest": m["manifest_path"],
+    }
+    if args.json:
+        out = {k: v for k, v in result.items() if k != "confusion"}
+        print(json.dumps(out | {"config": cfg.to_dict(), "data": data_summary}))
+    elif result["status"] != "diverged":  # a diverged run has no test metrics to print
         _print_summary(result)
-    else:
-        print(json.dumps({k: v for k, v in result.items() if k != "confusion"} | {"config": cfg.to_dict()}))
     if result["status"] == "diverged":
         print(
             f"cnnclf: error: training diverged at epoch {result['epochs']} (non-finite loss); try a lower --lr",
@@ -192,22 +269,28 @@ def _print_summary(result: dict) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from cnnclf.data import Normalizer, decode_image
-    from cnnclf.train import load_model
-
     if not args.checkpoint.is_file():
         raise UsageError(f"argument --checkpoint: no checkpoint at {args.checkpoint}")
+    for path in args.images:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such image file")
+    import torch
+
+    from cnnclf.data import Normalizer, decode_image, strict_decoding
+    from cnnclf.train import load_model
+
     device = _device(args.device)
     try:
         model, cfg, meta = load_model(args.checkpoint, device)
     except Exception as e:
-        raise UsageError(f"argument --checkpoint: {args.checkpoint} is not a cnnclf checkpoint ({e})") from None
+        raise UsageError(
+            f"argument --checkpoint: {args.checkpoint} is not a cnnclf checkpoint ({type(e).__name__})"
+        ) from None
     images = []
     for path in args.images:
         try:
-            images.append(torch.from_numpy(decode_image(path, cfg.image_size)).permute(2, 0, 1))
+            with strict_decoding():
+                images.append(torch.from_numpy(decode_image(path, cfg.image_size)).permute(2, 0, 1))
         except Exception as e:
             raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
     normalize = Normalizer(meta["mean"], meta["std"], device)
@@ -226,7 +309,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    data = load_task(args.task, args.data_dir, image_size=args.image_size, download_missing=not args.no_download)
+    if args.image_size is not None:
+        try:
+            get_preset(DEFAULT_PRESET[args.task]).replace(image_size=args.image_size)  # the range training accepts
+        except ConfigError as e:
+            raise UsageError(f"argument --image-size: {e}") from None
+    data = _load_task(args.task, args.data_dir, image_size=args.image_size, download_missing=not args.no_download)
     m = data.manifest
     print(json.dumps({k: v for k, v in m.items() if k != "skipped"} | {"skipped": m["skipped"][:20]}, indent=1))
     return 0
@@ -237,10 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "predict": cmd_predict, "prepare": cmd_prepare}[args.command](args)
     except UsageError as e:
-        print(f"cnnclf: error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"cnnclf: error: {e}", file=sys.stderr)
+        print(f"cnnclf: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cnnclf: interrupted", file=sys.stderr)
@@ -248,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("CNNCLF_DEBUG"):
             raise
-        print(f"cnnclf: error: {type(e).__name__}: {e} (set CNNCLF_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"cnnclf: error: {type(e).__name__}: {_one_line(e)} (set CNNCLF_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
 
 

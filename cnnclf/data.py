@@ -15,6 +15,7 @@ Layouts read:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +47,26 @@ PETIMAGES_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
 )
 CACHE_DIR = ".cnnclf-cache"
-_CACHE_VERSION = 1  # bump when decoding changes, so stale caches are not reused
+_CACHE_VERSION = 2  # bump when decoding or skipping changes, so stale caches are not reused
+
+# What each image extension may hold (PIL's format names). A file whose content is another
+# format is skipped: a .jpg that holds a PNG, GIF or WEBP was renamed or mislabelled upstream.
+# MPO is the multi-picture JPEG that phone cameras write; PIL names it separately.
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys((".jpg", ".jpeg", ".jpe", ".jfif"), ("JPEG", "MPO")),
+    ".png": ("PNG",),
+    ".gif": ("GIF",),
+    ".webp": ("WEBP",),
+    ".bmp": ("BMP",),
+    **dict.fromkeys((".tif", ".tiff"), ("TIFF",)),
+    **dict.fromkeys((".ppm", ".pgm", ".pbm", ".pnm"), ("PPM",)),
+}
+# Files that operating systems drop into image folders (Windows thumbnails, macOS metadata).
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store"})
+# Skip reasons that depend on the machine rather than the file's bytes (permissions, I/O errors):
+# a decode with any of these is not cached, so fixing the cause is seen by the next run.
+_TRANSIENT_REASONS = frozenset({"unreadable file"})
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # JPEG, PNG, GIF signatures
 
 
 class DataError(Exception):
@@ -185,9 +206,10 @@ def download_catdog(root: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Finding files in the supported layouts. A "source" is a list of (path, label, group), where
-# group is "train" or "test" (a labelled test set the data came with).
+# group is "train" or "test" (a labelled test set the data came with); label None marks a file
+# found where the data set lives but without a label (Kaggle's flat folder): skipped and counted.
 
-Source = list[tuple[Path, int, str]]
+Source = list[tuple[Path, int | None, str]]
 
 _SPLIT_DIRS = {"train": ("train", "training"), "test": ("test", "testing", "validation", "val", "valid")}
 
@@ -237,17 +259,16 @@ def _split_layout(root: Path, classes: list[str]) -> Source | None:
 
 def _kaggle_flat(d: Path) -> Source | None:
     """Kaggle's `train/cat.123.jpg`: the label is the file name's prefix."""
-    src = []
+    src: Source = []
     try:
         entries = sorted(p for p in d.iterdir() if p.is_file())
     except OSError:
         return None
     for p in entries:
         prefix = p.name.split(".", 1)[0].lower()
-        if prefix in ("cat", "dog"):
-            src.append((p, CATDOG_CLASSES.index(prefix), "train"))
+        src.append((p, CATDOG_CLASSES.index(prefix) if prefix in CATDOG_CLASSES else None, "train"))
     labels = {label for _, label, _ in src}
-    return src if labels == {0, 1} else None
+    return src if {0, 1} <= labels else None
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -282,11 +303,24 @@ def find_catdog(root: Path) -> tuple[str, Source] | None:
 # Decoding, once, with a cache beside the data.
 
 
-def decode_image(path: Path | str, size: int) -> np.ndarray:
-    """An image file as uint8 (size, size, 3) RGB; raises on anything PIL cannot fully decode."""
+class FormatMismatch(ValueError):
+    """The file's content is not the format its extension names."""
+
+    def __init__(self, content: str, suffix: str) -> None:
+        super().__init__(f"{content.lower()} content named {suffix}")
+
+
+def decode_image(path: Path | str, size: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """An image file as uint8 (size, size, 3) RGB; raises on anything PIL cannot fully decode.
+
+    `formats`: the PIL formats the content must be (FormatMismatch otherwise). Truncated files
+    raise unless the caller set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`; `strict_decoding()` unsets it.
+    """
     from PIL import Image
 
     with Image.open(path) as im:
+        if formats is not None and im.format not in formats:
+            raise FormatMismatch(im.format or "unknown", Path(path).suffix.lower())
         im.draft("RGB", (size, size))  # JPEG: let libjpeg decode big photos at 1/2, 1/4 or 1/8 scale
         im = im.convert("RGB")  # grey, palette, CMYK, alpha -> RGB; forces the full decode
         if im.size != (size, size):
@@ -294,20 +328,83 @@ def decode_image(path: Path | str, size: int) -> np.ndarray:
         return np.array(im, dtype=np.uint8)  # a writable copy, so torch.from_numpy is safe
 
 
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
+@contextlib.contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Refuse truncated images even if something in this process set PIL's process-wide
+    LOAD_TRUNCATED_IMAGES: a half-decoded photo is grey below the cut, a silently wrong example."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def skip_reason(path: Path, label: int | None = 0) -> str | None:
+    """Why a file is skipped before it is opened (its name, extension, label or size); None: decode it."""
+    name = path.name.lower()
+    if name in SYSTEM_FILES or name.startswith("._"):  # `._x.jpg`: macOS resource forks beside x.jpg
+        return "system file"
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        return f"not an image file ({suffix or 'no extension'})"
+    if label is None:
+        return "no cat/dog label in the file name"
     try:
         if path.stat().st_size == 0:
             return "zero-byte file"
-        return decode_image(path, size)
+    except OSError:
+        return "unreadable file"
+    return None
+
+
+def _error_reason(path: Path, e: Exception) -> str:
+    """A decode failure as a short reason, the same for every file that fails the same way."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large"
+    if isinstance(e, UnidentifiedImageError):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            return "unreadable file"
+        # An image's signature but nothing PIL can identify: cut off inside its header.
+        if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            return "truncated image"
+        return "not an image"
+    if isinstance(e, OSError) and "truncated" in str(e).lower():
+        return "truncated image"
+    if isinstance(e, OSError) and e.errno is not None:  # permissions, I/O errors: not the file's bytes
+        return "unreadable file"
+    return "corrupt image"
+
+
+def _decode_or_reason(path: Path, size: int, label: int | None = 0) -> np.ndarray | tuple[str, str]:
+    """The decoded image, or (reason, detail) for a file that is skipped."""
+    reason = skip_reason(path, label)
+    if reason is not None:
+        return reason, ""
+    try:
+        return decode_image(path, size, formats=IMAGE_FORMATS[path.suffix.lower()])
+    except FormatMismatch as e:
+        return str(e), ""  # the reason says it all
     except Exception as e:
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return _error_reason(path, e), f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
 def _cache_key(source: Source, base: Path, size: int) -> str:
     h = hashlib.sha256(f"v{_CACHE_VERSION} {size}\n".encode())
     for path, label, group in source:
-        st = path.stat()
-        h.update(f"{path.relative_to(base)}\t{label}\t{group}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = path.stat()
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:  # gone since it was listed: the decode reports it and writes no cache
+            stamp = "missing"
+        h.update(f"{path.relative_to(base)}\t{label}\t{group}\t{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -324,26 +421,47 @@ def _cache_dir(base: Path) -> Path:
     return d
 
 
+def _valid_cache(raw: object, size: int) -> bool:
+    """A cache file from this version of the decoder, internally consistent (else it is decoded again)."""
+    if not isinstance(raw, dict) or not {"x", "y", "test", "files", "skipped"} <= raw.keys():
+        return False
+    if not all(isinstance(raw[k], torch.Tensor) for k in ("x", "y", "test")):
+        return False
+    n = len(raw["files"])
+    return (
+        tuple(raw["x"].shape[1:]) == (3, size, size)
+        and len(raw["x"]) == len(raw["y"]) == len(raw["test"]) == n
+        and all(isinstance(s, (list, tuple)) and len(s) == 3 for s in raw["skipped"])
+    )
+
+
 def decode_source(source: Source, base: Path, size: int, task: str, progress: bool = True) -> dict:
-    """Decode every file once (cached); returns x, y, group ("train"/"test" per image), files, skipped."""
+    """Decode every file once (cached); returns x, y, test (bool per image), files, and skipped
+    as (file, reason, detail) triples. The cache holds the skipped files too, so a cached load
+    reports the same skips as the decode that wrote it."""
     key = _cache_key(source, base, size)
     cache = _cache_dir(base) / f"{task}-{size}px-{key}.pt"
     if cache.exists():
         try:
-            return torch.load(cache, weights_only=True)
+            raw = torch.load(cache, weights_only=True)
         except Exception:
-            cache.unlink(missing_ok=True)
+            raw = None
+        if _valid_cache(raw, size):
+            return raw
+        cache.unlink(missing_ok=True)
     from tqdm.auto import tqdm
 
     x = np.empty((len(source), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(source), dtype=bool)
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str, str]] = []
     # PIL releases the GIL while decoding and resizing, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = pool.map(lambda item: _decode_or_reason(item[0], size), source, chunksize=64)
-        for i, r in enumerate(tqdm(results, total=len(source), desc=f"decoding {task}", disable=not progress)):
-            if isinstance(r, str):
-                skipped.append((str(source[i][0].relative_to(base)), r))
+    with strict_decoding(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(lambda item: _decode_or_reason(item[0], size, item[1]), source, chunksize=64)
+        # disable=None: no bar when stderr is not a terminal (logs, and one-line errors after a decode)
+        bar = tqdm(results, total=len(source), desc=f"decoding {task}", disable=None if progress else True)
+        for i, r in enumerate(bar):
+            if isinstance(r, tuple):
+                skipped.append((str(source[i][0].relative_to(base)), *r))
             else:
                 x[i] = r
                 ok[i] = True
@@ -355,9 +473,10 @@ def decode_source(source: Source, base: Path, size: int, task: str, progress: bo
         "files": [str(source[i][0].relative_to(base)) for i in keep],
         "skipped": skipped,
     }
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    torch.save(out, tmp)
-    os.replace(tmp, cache)  # atomic: concurrent runs never read a half-written cache
+    if not any(reason in _TRANSIENT_REASONS for _, reason, _ in skipped):
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        torch.save(out, tmp)
+        os.replace(tmp, cache)  # atomic: concurrent runs never read a half-written cache
     return out
 
 
@@ -387,7 +506,7 @@ def _load_torchvision_cifar10(d: Path) -> dict:
         "test": torch.tensor([False] * len(parts[0].targets) + [True] * len(parts[1].targets)),
         "files": [f"train[{i}]" for i in range(len(parts[0].targets))]
         + [f"test[{i}]" for i in range(len(parts[1].targets))],
-        "skipped": [],
+        "skipped": [],  # pickled arrays: nothing to skip file by file
     }
 
 
@@ -445,6 +564,9 @@ def load_task(
         raise DataError(f"unknown task {task!r}; expected one of {', '.join(CLASSES)}")
     root = Path(data_dir).expanduser()
     size = image_size or (32 if task == "cifar10" else 128)
+    existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise DataError(f"{existing} is a file, not a data folder")
     find = find_cifar10 if task == "cifar10" else find_catdog
     found = find(root)
     if found is None:
@@ -455,7 +577,16 @@ def load_task(
         )
         if not download_missing:
             raise DataError(f"no {task} data under {root}; put {how} there, or run without --no-download")
-        (download_cifar10 if task == "cifar10" else download_catdog)(root)
+        created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+        try:
+            (download_cifar10 if task == "cifar10" else download_catdog)(root)
+        except DataError:
+            for d in created:  # a failed download leaves no empty folders behind (a kept .part stays)
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
         found = find(root)
         if found is None:
             raise DataError(f"downloaded {task} data into {root} but could not find it there")
@@ -503,7 +634,8 @@ def load_task(
         "image_size": size,
         "files_read": len(files),
         "files_skipped": len(raw["skipped"]),
-        "skipped": [{"file": f, "reason": r} for f, r in raw["skipped"]],
+        "skipped_by_reason": dict(sorted(Counter(r for _, r, _ in raw["skipped"]).items())),
+        "skipped": [{"file": f, "reason": r, "detail": d} for f, r, d in raw["skipped"]],
         "seed": seed,
         "test_source": test_source,
         "splits": {

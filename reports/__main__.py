@@ -6,17 +6,20 @@
 
 One sweep goes to OUT/<sweep>/, several sweeps of one experiment to OUT/<experiment>-compare/.
 Exit codes: 0 written; 2 unknown or empty experiment, unknown sweep, unreachable tracking store or
-bad arguments (one line on stderr); 1 anything else.
+bad arguments (one line on stderr, and nothing written: not to --out, not to the store); 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
 EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +27,15 @@ class _Parser(argparse.ArgumentParser):
         from reports.data import ReportError
 
         raise ReportError(message)
+
+
+def _path(s: str) -> Path:
+    if not s.strip():  # Path("") is the working directory: never what an empty value meant
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(s)
+
+
+_path.__name__ = "path"  # argparse names the type in its message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--experiment", nargs="+", default=None, help="experiments (default: cifar10 and catdog, those that exist)"
     )
     p.add_argument("--sweep", nargs="+", default=None, help="sweep names, or `all` (default: the newest of each)")
-    p.add_argument("--out", type=Path, default=Path("reports/out"), help="reports go to OUT/<sweep>/")
+    p.add_argument("--out", type=_path, default=Path("reports/out"), help="reports go to OUT/<sweep>/")
     return p
 
 
@@ -48,17 +60,58 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     except ReportError as e:
-        print(f"reports: error: {e}", file=sys.stderr)
+        print(f"reports: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked without opening the store: --out, and that a SQLite URI names a database."""
+    from reports.data import ReportError
+
+    out = args.out
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise ReportError(f"--out: {existing} is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK):
+        raise ReportError(f"--out: {existing} is not writable")
+    uri = args.tracking_uri
+    if not uri.strip():  # MLflow would fall back to its default store and create ./mlflow.db
+        raise ReportError("--tracking-uri: expected a URI, got an empty string")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        # MLflow would turn an empty or foreign file into a fresh database: reading must not write.
+        if path.is_file() and not _is_mlflow_sqlite(path):
+            raise ReportError(f"--tracking-uri: {path} is not an MLflow (SQLite) database")
+
+
+def _is_mlflow_sqlite(path: Path) -> bool:
+    import sqlite3
+
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    return {"experiments", "runs"} <= tables
 
 
 def _main(args: argparse.Namespace) -> int:
     from reports.data import ReportError, client, experiment_id, list_sweeps, resolve_sweeps
 
+    check_args(args)
     uri = args.tracking_uri
     explicit = args.experiment is not None
     experiments = list(dict.fromkeys(args.experiment or DEFAULT_EXPERIMENTS))
-    c = client(uri)
+    try:
+        c = client(uri)
+    except ReportError:
+        raise
+    except Exception as e:  # an unknown scheme, a database MLflow cannot open: unusable input, not a bug
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ReportError(f"--tracking-uri: cannot open {uri}: {first.strip()}") from None
     known = {}
     for exp in experiments:
         if experiment_id(c, exp, uri) is None:

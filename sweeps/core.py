@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -89,6 +90,11 @@ def parse_fix(items: list[str], base: TrainConfig) -> dict:
             raise UsageError(f"argument --fix: unknown parameter {name!r}; known: {', '.join(allowed)}")
         kind = str(types[name])
         try:
+            if name == "model":
+                from cnnclf.models import model_names
+
+                if raw not in model_names():
+                    raise UsageError(f"argument --fix: unknown model {raw!r}; known: {', '.join(model_names())}")
             if "bool" in kind:
                 if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(raw)
@@ -97,6 +103,8 @@ def parse_fix(items: list[str], base: TrainConfig) -> dict:
                 value = int(raw)
             elif "float" in kind:
                 value = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError(raw)
             else:
                 value = raw
         except ValueError:
@@ -166,21 +174,31 @@ def run_trial(
     if experiment_path and "://" not in experiment_path:
         own_folder = Path(experiment_path) / f"{config.get('role', 'trial')}-{trial_id}"
         folders.append(own_folder)
-    found = _newest_checkpoint(folders)
+    found, tune_epoch = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            tune_ckpt = _read_checkpoint(Path(d))
-        if tune_ckpt is not None and (found is None or tune_ckpt[1]["epoch"] >= found[1]["epoch"]):
-            found = tune_ckpt
+            found = _read_checkpoint(Path(d))
+        tune_epoch = found[1]["epoch"] if found else 0
+    on_disk = _checkpoint_dirs(folders)
+    for epoch in sorted((e for e in on_disk if e > tune_epoch), reverse=True):
+        newer = _read_checkpoint(on_disk[epoch])
+        if newer is not None:
+            found = newer
+            break
     resume = found[0] if found else None
-    if found is not None and found[1]["epoch"] >= cfg.epochs and "val/acc" in found[1]:
-        # The trial had finished before the driver went down: report its final result again
-        # (the MLflow writer skips epochs it has logged), instead of training it twice.
+    if found is not None and found[1]["epoch"] > tune_epoch:
+        # Epochs that finished after the driver's last look (it went down): report them again, in
+        # order, so nothing they measured is lost (the MLflow writer skips epochs it has logged);
+        # the newest goes with its checkpoint, so Tune knows it from now on.
+        for epoch in sorted(e for e in on_disk if tune_epoch < e < found[1]["epoch"]):
+            with contextlib.suppress(OSError, ValueError):
+                tune.report({**json.loads((on_disk[epoch] / METRICS_FILE).read_text()), **extra, "replayed": 1.0})
         with tempfile.TemporaryDirectory() as d:
             _write_checkpoint_dir(Path(d), resume, {**found[1], **extra})
             tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
-        return
+    if found is not None and found[1]["epoch"] >= cfg.epochs and "val/acc" in found[1]:
+        return  # the trial had finished before the driver went down; it is not trained twice
 
     def report(epoch: int, metrics: dict, save) -> None:
         m = {**metrics, **extra}
@@ -275,17 +293,17 @@ def _read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
     return (state, metrics) if state.get("epoch") == metrics.get("epoch") else None
 
 
-def _newest_checkpoint(folders: list[Path]) -> tuple[dict, dict] | None:
-    candidates = []
+def _checkpoint_dirs(folders: list[Path]) -> dict[int, Path]:
+    """epoch -> the newest checkpoint folder of that epoch with readable metrics, across `folders`."""
+    found: dict[int, tuple[float, Path]] = {}
     for folder in folders:
         for d in folder.glob("checkpoint_*") if folder.is_dir() else ():
             with contextlib.suppress(OSError, ValueError):
-                candidates.append((json.loads((d / METRICS_FILE).read_text()).get("epoch", 0), str(d)))
-    for _, d in sorted(candidates, reverse=True):
-        found = _read_checkpoint(Path(d))
-        if found is not None:
-            return found
-    return None
+                epoch = int(json.loads((d / METRICS_FILE).read_text()).get("epoch", 0))
+                mtime = d.stat().st_mtime
+                if epoch > 0 and (epoch not in found or mtime > found[epoch][0]):
+                    found[epoch] = (mtime, d)
+    return {e: d for e, (_, d) in found.items()}
 
 
 def _write_checkpoint_dir(folder: Path, state: dict, metrics: dict) -> None:
@@ -376,11 +394,47 @@ def check_args(args: argparse.Namespace) -> None:
     need(math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected a finite number")
     need(args.gpus_per_trial is None or math.isfinite(args.gpus_per_trial), "--gpus-per-trial", "expected a number")
     if args.name is not None:
-        need(all(c.isalnum() or c in "-_." for c in args.name), "--name", "letters, digits, '-', '_' and '.' only")
+        need(
+            args.name != "" and all(c.isalnum() or c in "-_." for c in args.name),
+            "--name",
+            "letters, digits, '-', '_' and '.' only",
+        )
+    need(args.experiment.strip() != "", "--experiment", "expected a name")
+    if args.address is not None:
+        need(
+            args.address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.address) is not None,
+            "--address",
+            f"expected auto, host:port or ray://host:port, got {args.address!r}",
+        )
+        if args.address.startswith("ray://"):
+            from ray._private.utils import get_ray_client_dependency_error  # what ray.init checks
+
+            need(
+                get_ray_client_dependency_error() is None,
+                "--address",
+                "ray:// needs the Ray Client: pip install 'ray[client]' (or run on the head with --address auto)",
+            )
+
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
 def check_tracking(uri: str) -> None:
-    """Fail fast (exit 2) when the tracking store cannot be reached, before any training."""
+    """Fail fast (exit 2) when the tracking store cannot be reached or is not MLflow's, before any training."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if not uri.strip() or (scheme and scheme not in TRACKING_SCHEMES):
+        raise UsageError(
+            f"argument --tracking-uri: {uri!r} is not an MLflow tracking URI ({', '.join(TRACKING_SCHEMES)})"
+        )
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).expanduser()
+        if db.is_dir():
+            raise UsageError(f"argument --tracking-uri: {db} is a folder, not a database file")
+        if db.is_file() and db.stat().st_size > 0:
+            from reports.__main__ import _is_mlflow_sqlite
+
+            if not _is_mlflow_sqlite(db):  # MLflow would add its tables to another program's database
+                raise UsageError(f"argument --tracking-uri: {db} is not an MLflow database")
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -412,10 +466,10 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
 
 
 def _main(spec: TaskSpec, argv: list[str]) -> int:
-    from cnnclf.data import DataError, load_task
-
     args = build_parser(spec).parse_args(argv)
     check_args(args)
+    from cnnclf.data import DataError, load_task  # torch: after the flags, so a typo is answered at once
+
     if args.sync:
         return sync(spec, args)
     args.tracking_uri = args.tracking_uri or DEFAULT_TRACKING_URI
@@ -436,6 +490,19 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
     baseline = spec.baseline.replace(
         epochs=min(spec.baseline.epochs, args.max_epochs), image_size=base.image_size, seed=args.seed
     )
+    from cnnclf.train import check_model_fits
+
+    for what, cfg in (("--fix", base), ("the baseline", baseline)):
+        try:
+            check_model_fits(cfg)
+        except ValueError as e:
+            raise UsageError(f"argument --fix: {e}" if what == "--fix" else f"{what}: {e}") from None
+    if args.address is None and (args.gpus_per_trial or 0) > 0:
+        import torch
+
+        local = args.ray_num_gpus if args.ray_num_gpus is not None else torch.cuda.device_count()
+        if not local:
+            raise UsageError("argument --gpus-per-trial: this machine has no GPU (join a cluster with --address)")
     name = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = _storage_uri(args.storage_path)
     if "://" not in storage and Path(storage).exists() and not Path(storage).is_dir():
@@ -502,6 +569,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     _quiet_mlflow_http()
     journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
     todo = journal.pending()
+    journal.start()
     left = journal.close(timeout=max(args.mlflow_wait, 1.0))
     print(f"{args.name}: wrote {todo - left} of {todo} spooled MLflow writes to {uri}", flush=True)
     if left:
@@ -509,6 +577,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if meta.get("finished") and not (args.out / args.name / "report.html").exists():
         journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
+        journal.start()
         write_report(journal, args.out / args.name)
         if journal.close(timeout=max(args.mlflow_wait, 1.0)):
             return EXIT_FAILED
@@ -577,17 +646,24 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     out_dir = args.out / name
-    journal = Journal(out_dir / "journal", args.tracking_uri, args.experiment, name)
-    if not journal.meta:
-        journal.append(
-            "meta", data={"tracking_uri": args.tracking_uri, "experiment": args.experiment, "task": spec.task}
-        )
     init_kw: dict = {"include_dashboard": False, "log_to_driver": False} if args.address is None else {}
     if args.address:
         init_kw["address"] = args.address
     if args.ray_num_gpus is not None:
         init_kw["num_gpus"] = args.ray_num_gpus
-    ray.init(**init_kw)
+    try:
+        ray.init(**init_kw)
+    except Exception as e:
+        if args.address is None:
+            raise
+        raise UsageError(
+            f"argument --address: cannot join the Ray cluster at {args.address} ({_first_line(e)})"
+        ) from None
+    journal = Journal(out_dir / "journal", args.tracking_uri, args.experiment, name)
+    if not journal.meta:
+        journal.append(
+            "meta", data={"tracking_uri": args.tracking_uri, "experiment": args.experiment, "task": spec.task}
+        )
     try:
         gpus_available = ray.cluster_resources().get("GPU", 0)
         gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus_available else 0.0)
@@ -756,6 +832,11 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
     finally:
         journal.close(timeout=0)
         ray.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _known_trials(tuner) -> set[str]:

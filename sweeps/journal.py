@@ -159,8 +159,10 @@ class Journal:
             return not self._pending
 
     def close(self, timeout: float) -> int:
-        """Flush for up to `timeout` seconds, stop the writer; returns how many ops are still spooled."""
-        self.flush(timeout)
+        """Flush for up to `timeout` seconds (when the writer was started), stop it; returns how many
+        ops are still spooled."""
+        if self._thread is not None:
+            self.flush(timeout)
         with self._cv:
             self._stop = True
             self._cv.notify_all()

@@ -59,6 +59,54 @@ def add_corrupt_files(folder: Path, prefix: str = "") -> list[str]:
     return sorted(files)
 
 
+def _encoded(arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(arr).convert(mode) if mode else Image.fromarray(arr)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def add_bad_files(folder: Path, prefix: str = "") -> dict[Path, str]:
+    """Every kind of broken file a real image folder holds, as real bytes; returns {path: expected skip reason}.
+
+    `prefix` goes before the image-like names (Kaggle's flat layout labels files by it, `cat.`);
+    the system files and notes.txt keep their usual names.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = class_image(0, 2, (96, 64), np.random.default_rng(1))  # big enough that half the JPEG is pixel data
+    jpeg = _encoded(arr, "JPEG")
+    files = {
+        f"{prefix}empty.jpg": (b"", "zero-byte file"),
+        f"{prefix}truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated image"),  # cut inside the scan data
+        f"{prefix}cut-in-header.jpg": (jpeg[:20], "truncated image"),  # JPEG signature, nothing PIL can open
+        f"{prefix}png.jpg": (_encoded(arr, "PNG"), "png content named .jpg"),
+        f"{prefix}gif.jpg": (_encoded(arr, "GIF"), "gif content named .jpg"),
+        f"{prefix}webp.jpg": (_encoded(arr, "WEBP"), "webp content named .jpg"),
+        f"{prefix}jpeg.png": (jpeg, "jpeg content named .png"),
+        f"{prefix}text.jpg": (b"this is not an image\n", "not an image"),
+        "notes.txt": (b"downloaded from kaggle\n", "not an image file (.txt)"),
+        "Thumbs.db": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 100, "system file"),  # an OLE file
+        ".DS_Store": (b"\x00\x00\x00\x01Bud1" + b"\x00" * 100, "system file"),
+    }
+    for name, (content, _) in files.items():
+        (folder / name).write_bytes(content)
+    return {folder / name: reason for name, (_, reason) in files.items()}
+
+
+def add_odd_images(folder: Path, label: int, n_classes: int, prefix: str = "") -> list[Path]:
+    """Readable images that are not plain RGB JPEGs: greyscale and CMYK JPEG, RGB and RGBA PNG (all kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = class_image(label, n_classes, (36, 44), np.random.default_rng(2))
+    files = {
+        f"{prefix}grey.jpg": _encoded(arr, "JPEG", "L"),
+        f"{prefix}cmyk.jpg": _encoded(arr, "JPEG", "CMYK"),
+        f"{prefix}plain.png": _encoded(arr, "PNG"),
+        f"{prefix}alpha.png": _encoded(arr, "PNG", "RGBA"),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return [folder / name for name in files]
+
+
 @pytest.fixture
 def cifar_tree(tmp_path: Path) -> Path:
     """`root/{train,test}/<class>/*` with 12 train and 4 test images per class, PNG and JPEG."""
@@ -116,7 +164,7 @@ def write_petimages(root: Path, n: int = 20) -> Path:
         for i in range(n):
             size = (int(rng.integers(60, 160)), int(rng.integers(60, 160)))
             arr = class_image(label, 2, size, rng)
-            if i == 1:  # a greyscale photo and (below) a PNG named .jpg: both readable, both kept
+            if i == 1:  # a greyscale photo (kept) and (below) a PNG named .jpg (skipped: content/name mismatch)
                 (root / "PetImages" / name).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).convert("L").save(root / "PetImages" / name / f"{i}.jpg", format="JPEG")
             elif i == 2:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
     import numpy as np
 
     from cnnclf.data import CIFAR10_CLASSES
-    from tests.conftest import add_corrupt_files, class_image, write_image
+    from tests.conftest import add_bad_files, add_odd_images, class_image, write_image
 
     root = tmp_path_factory.mktemp("cli") / "cifar"
     rng = np.random.default_rng(0)
@@ -36,7 +37,8 @@ def trained(tmp_path_factory):
         for c, name in enumerate(CIFAR10_CLASSES):
             for i in range(n):
                 write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
-    add_corrupt_files(root / "train" / "dog")
+    bad = add_bad_files(root / "train" / "dog")  # every kind of broken file: training goes on without them
+    add_odd_images(root / "train" / "dog", 5, 10)  # greyscale, CMYK, RGBA: kept
     ckpt = root.parent / "model.pt"
     r = cli(
         "train",
@@ -54,11 +56,11 @@ def trained(tmp_path_factory):
         ckpt,
         "--json",
     )
-    return root, ckpt, r
+    return root, ckpt, r, bad
 
 
 def test_train_json_last_line_and_save(trained):
-    _root, ckpt, r = trained
+    _root, ckpt, r, bad = trained
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("val/acc", "test/acc", "test/acc/cat", "test/acc/truck", "throughput/train_img_s", "epochs", "seconds"):
@@ -66,11 +68,28 @@ def test_train_json_last_line_and_save(trained):
     assert out["epochs"] == 3 and out["status"] == "completed" and out["val/acc"] > 0.5
     assert out["config"]["depth"] == 2 and out["config"]["model"] == "cnn"
     assert ckpt.is_file()
-    assert "4 files skipped" in r.stderr and "epochs" in r.stderr  # data summary and progress bar
+    # The skipped files, counted by reason, in the JSON and in the data summary on stderr.
+    data = out["data"]
+    assert data["files_skipped"] == len(bad) == 11 and data["files_read"] == 250 + 4
+    assert data["skipped_by_reason"] == {
+        "gif content named .jpg": 1,
+        "jpeg content named .png": 1,
+        "not an image": 1,
+        "not an image file (.txt)": 1,
+        "png content named .jpg": 1,
+        "system file": 2,
+        "truncated image": 2,
+        "webp content named .jpg": 1,
+        "zero-byte file": 1,
+    }
+    manifest = json.loads(Path(data["manifest"]).read_text())
+    assert len(manifest["skipped"]) == 11 and {s["file"] for s in manifest["skipped"]} >= {"train/dog/Thumbs.db"}
+    assert "11 files skipped: 1 gif content named .jpg," in r.stderr and "2 truncated image" in r.stderr
+    assert "epochs" in r.stderr  # the progress bar
 
 
 def test_predict_prints_class_and_probability(trained):
-    root, ckpt, _ = trained
+    root, ckpt, _, _ = trained
     imgs = [root / "test" / "ship" / "0.png", root / "test" / "frog" / "1.png"]
     r = cli("predict", "--checkpoint", ckpt, *imgs, "--json")
     assert r.returncode == 0, r.stderr
@@ -83,7 +102,7 @@ def test_predict_prints_class_and_probability(trained):
 
 
 def test_flags_override_the_preset(trained):
-    root, _, _ = trained
+    root, _, _, _ = trained
     r = cli(
         "train",
         "--task",
@@ -104,7 +123,7 @@ def test_flags_override_the_preset(trained):
 
 
 def test_diverged_run_exits_1_with_a_reason(trained):
-    root, _, _ = trained
+    root, _, _, _ = trained
     r = cli(
         "train",
         "--task",
@@ -171,11 +190,11 @@ def test_failed_download_blames_network_and_leaves_nothing(tmp_path):
     )
     assert r.returncode == 2
     assert "network is the likely cause" in r.stderr.strip().splitlines()[-1]
-    assert list((tmp_path / "d").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the folder the download would have filled
 
 
 def test_predict_unreadable_image_and_checkpoint(trained, tmp_path):
-    _, ckpt, _ = trained
+    _, ckpt, _, _ = trained
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     r = cli("predict", "--checkpoint", ckpt, bad)
@@ -185,6 +204,6 @@ def test_predict_unreadable_image_and_checkpoint(trained, tmp_path):
 
 
 def test_cuda_requested_without_cuda(trained):
-    root, _, _ = trained
+    root, _, _, _ = trained
     r = cli("train", "--task", "cifar10", "--data-dir", root, "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2 and "--device" in r.stderr

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import json
 import threading
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
 
 import cnnclf.data as data_mod
 from cnnclf.data import (
@@ -15,6 +19,7 @@ from cnnclf.data import (
     DataError,
     Normalizer,
     channel_stats,
+    decode_image,
     load_task,
     make_augment,
     random_crop,
@@ -24,7 +29,9 @@ from cnnclf.data import (
     train_batches,
 )
 from tests.conftest import (
+    add_bad_files,
     add_corrupt_files,
+    add_odd_images,
     class_image,
     tar_gz,
     write_cifar_batches,
@@ -131,7 +138,8 @@ def test_catdog_kaggle_flat(kaggle_flat: Path):
     n = len(d.train_y) + len(d.val_y) + len(d.test_y)
     assert n == 60  # 30 + 30 readable; test1/ (unlabelled) ignored
     assert torch.bincount(d.test_y).tolist() == [3, 3]  # seeded 10% per class, no labelled test set
-    assert d.manifest["files_skipped"] == 3  # Thumbs.db has no cat/dog prefix: not part of the data set
+    assert d.manifest["files_skipped"] == 4  # Thumbs.db has no cat/dog prefix, and is counted as a system file
+    assert d.manifest["skipped_by_reason"]["system file"] == 1
     assert "seeded" in d.manifest["test_source"]
 
 
@@ -165,8 +173,9 @@ def test_catdog_petimages_with_broken_files(tmp_path: Path):
     write_petimages(tmp_path, n=20)
     d = _load("catdog", tmp_path, image_size=48)
     assert d.manifest["layout"] == "petimages"
-    assert len(d.train_y) + len(d.val_y) + len(d.test_y) == 40  # greyscale and PNG-as-.jpg are readable
-    assert d.manifest["files_skipped"] == 4
+    assert len(d.train_y) + len(d.val_y) + len(d.test_y) == 38  # greyscale kept; PNG-as-.jpg (one per class) not
+    assert d.manifest["files_skipped"] == 6
+    assert d.manifest["skipped_by_reason"]["png content named .jpg"] == 2
     assert d.train_x.shape[1:] == (3, 48, 48)
 
 
@@ -203,14 +212,14 @@ def test_cifar_download_checks_md5_and_extracts(http_dir, tmp_path: Path, monkey
     dest2 = tmp_path / "data2"
     with pytest.raises(DataError, match="corrupt"):
         _load("cifar10", dest2)
-    assert list(dest2.iterdir()) == []
+    assert not dest2.exists()  # not even the folder the download created
 
 
 def test_failed_download_leaves_nothing(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CNNCLF_CATDOG_URL", "http://127.0.0.1:9/kagglecatsanddogs_5340.zip")
     with pytest.raises(DataError, match="network is the likely cause"):
-        _load("catdog", tmp_path / "d")
-    assert list((tmp_path / "d").iterdir()) == []
+        _load("catdog", tmp_path / "d" / "deeper")
+    assert list(tmp_path.iterdir()) == []  # the folders the download would have filled are gone again
 
 
 def test_petimages_download_and_corrupt_zip(http_dir, tmp_path: Path, monkeypatch):
@@ -219,7 +228,7 @@ def test_petimages_download_and_corrupt_zip(http_dir, tmp_path: Path, monkeypatc
     archive = zip_dir(pets, served / "pets.zip")
     monkeypatch.setenv("CNNCLF_CATDOG_URL", f"{url}/pets.zip")
     d = _load("catdog", tmp_path / "ok", image_size=32)
-    assert d.manifest["layout"] == "petimages" and len(d.train_y) + len(d.val_y) + len(d.test_y) == 20
+    assert d.manifest["layout"] == "petimages" and len(d.train_y) + len(d.val_y) + len(d.test_y) == 18
 
     raw = bytearray(archive.read_bytes())
     raw[200:260] = b"\xff" * 60  # damage the first member's data: its CRC no longer matches
@@ -292,4 +301,157 @@ def test_train_batches_cover_epoch_once():
 def test_corrupt_file_helper_covers_kinds(tmp_path: Path):
     names = add_corrupt_files(tmp_path)
     for n in names:
-        assert isinstance(data_mod._decode_or_reason(tmp_path / n, 16), str)
+        reason, _detail = data_mod._decode_or_reason(tmp_path / n, 16)
+        assert reason
+
+
+# --- broken files in every layout ---------------------------------------------------------------
+#
+# Each layout gets every kind of broken file (conftest.add_bad_files: zero-byte, truncated JPEG,
+# PNG/GIF/WEBP bytes named .jpg, text named .jpg, notes.txt, Thumbs.db, .DS_Store) in two of its
+# folders, and readable oddities (greyscale and CMYK JPEG, RGBA PNG) that must be kept.
+
+
+def _layout(name: str, root: Path) -> tuple[str, dict[Path, str], list[Path]]:
+    """Writes a small data set in layout `name`; returns its task, {broken file: reason}, readable files."""
+    rng = np.random.default_rng(0)
+    bad: dict[Path, str] = {}
+    good: list[Path] = []
+
+    def images(folder: Path, label: int, n_classes: int, n: int, prefix: str = "") -> None:
+        for i in range(n):
+            path = folder / f"{prefix}{i}.jpg"
+            write_image(path, class_image(label, n_classes, (int(rng.integers(30, 60)), 40), rng))
+            good.append(path)
+
+    if name == "cifar10-image-folder":
+        for split, n in (("train", 5), ("test", 2)):
+            for c, cls in enumerate(CIFAR10_CLASSES):
+                images(root / split / cls, c, 10, n)
+        bad |= add_bad_files(root / "train" / "cat")
+        bad |= add_bad_files(root / "test" / "dog")
+        good += add_odd_images(root / "train" / "cat", 3, 10)
+        return "cifar10", bad, good
+    if name == "catdog-kaggle-flat":
+        flat = root / "train"
+        for label, cls in enumerate(("cat", "dog")):
+            images(flat, label, 2, 8, prefix=f"{cls}.")
+        bad |= add_bad_files(flat, prefix="cat.")
+        good += add_odd_images(flat, 1, 2, prefix="dog.")
+        write_image(flat / "1.jpg", class_image(0, 2, (40, 40), rng))  # a readable photo without a label
+        bad[flat / "1.jpg"] = "no cat/dog label in the file name"
+        return "catdog", bad, good
+    folders = {
+        "catdog-class-folders": (root / "Cat", root / "Dog"),
+        "catdog-split-folders": (root / "train" / "cats", root / "train" / "dogs"),
+        "catdog-petimages": (root / "PetImages" / "Cat", root / "PetImages" / "Dog"),
+    }[name]
+    for label, folder in enumerate(folders):
+        images(folder, label, 2, 8)
+        bad |= add_bad_files(folder)
+    good += add_odd_images(folders[0], 0, 2)
+    if name == "catdog-split-folders":  # a labelled test set beside train/, with broken files of its own
+        for label, cls in enumerate(("cats", "dogs")):
+            images(root / "validation" / cls, label, 2, 3)
+        bad |= add_bad_files(root / "validation" / "dogs")
+    return "catdog", bad, good
+
+
+LAYOUTS = [
+    "cifar10-image-folder",
+    "catdog-kaggle-flat",
+    "catdog-class-folders",
+    "catdog-split-folders",
+    "catdog-petimages",
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_broken_files_are_skipped_counted_and_named(layout: str, tmp_path: Path, monkeypatch):
+    task, bad, good = _layout(layout, tmp_path / "data")
+    d = _load(task, tmp_path / "data", image_size=32)
+    m = d.manifest
+    base = Path(m["base"])
+    assert m["layout"] == layout.split("-", 1)[1].replace("split-folders", "class-folders")
+
+    want = {str(p.relative_to(base)): reason for p, reason in bad.items()}
+    assert {s["file"]: s["reason"] for s in m["skipped"]} == want
+    assert m["files_skipped"] == len(bad) and m["skipped_by_reason"] == dict(sorted(Counter(want.values()).items()))
+    assert all(s["detail"] for s in m["skipped"] if s["reason"] in ("truncated image", "not an image"))
+    assert m["files_read"] == len(good)
+
+    # Exactly the readable images, each where the manifest says, with the pixels it decodes to.
+    full = json.loads(Path(m["manifest_path"]).read_text())
+    assert full["skipped_by_reason"] == m["skipped_by_reason"] and full["files_skipped"] == len(bad)
+    listed = [f for files in full["split_files"].values() for f in files]
+    assert sorted(listed) == sorted(str(p.relative_to(base)) for p in good)
+    for split, x in (("train", d.train_x), ("val", d.val_x), ("test", d.test_x)):
+        assert len(x) == len(full["split_files"][split])
+        for row, f in zip(x, full["split_files"][split], strict=True):
+            assert torch.equal(row, torch.from_numpy(decode_image(base / f, 32)).permute(2, 0, 1)), f
+
+    # A cached load decodes nothing and still reports every skipped file.
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
+    again = _load(task, tmp_path / "data", image_size=32)
+    for key in ("files_read", "files_skipped", "skipped_by_reason", "skipped", "splits"):
+        assert again.manifest[key] == m[key], key
+    assert torch.equal(again.train_x, d.train_x)
+
+
+def test_repaired_file_is_decoded_again(tmp_path: Path):
+    """A broken file is part of the cache key by size and mtime: once repaired, the next load reads it."""
+    task, bad, good = _layout("catdog-class-folders", tmp_path / "data")
+    first = _load(task, tmp_path / "data", image_size=32)
+    truncated = next(p for p, r in bad.items() if r == "truncated image")
+    write_image(truncated, class_image(0, 2, (40, 30), np.random.default_rng(1)))
+    second = _load(task, tmp_path / "data", image_size=32)
+    assert second.manifest["files_skipped"] == first.manifest["files_skipped"] - 1
+    assert second.manifest["files_read"] == len(good) + 1
+    truncated_left = sum(r == "truncated image" for r in bad.values()) - 1
+    assert second.manifest["skipped_by_reason"]["truncated image"] == truncated_left
+    assert len(list((tmp_path / "data" / ".cnnclf-cache").glob("catdog-32px-*.pt"))) == 2
+
+
+def test_unreadable_file_is_not_cached(tmp_path: Path, monkeypatch):
+    """A file skipped for a reason outside its bytes (permissions, I/O) must not stay skipped via the cache."""
+    task, _, good = _layout("catdog-class-folders", tmp_path / "data")
+    real = data_mod.decode_image
+
+    def flaky(path, size, formats=None):
+        if Path(path) == good[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, size, formats)
+
+    monkeypatch.setattr(data_mod, "decode_image", flaky)
+    d = _load(task, tmp_path / "data", image_size=32)
+    assert d.manifest["skipped_by_reason"]["unreadable file"] == 1
+    assert not list((tmp_path / "data" / ".cnnclf-cache").glob("catdog-32px-*.pt"))
+    monkeypatch.undo()
+    assert _load(task, tmp_path / "data", image_size=32).manifest["files_read"] == len(good)
+
+
+def test_truncated_jpeg_is_refused_even_if_pil_was_told_to_load_it(tmp_path: Path, monkeypatch):
+    buf = io.BytesIO()
+    Image.fromarray(class_image(0, 2, (96, 64), np.random.default_rng(0))).save(buf, format="JPEG")
+    half = tmp_path / "half.jpg"
+    half.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # headers whole, pixel data cut
+    with pytest.raises(OSError, match="image file is truncated"):
+        decode_image(half, 32)
+    # Some library in the process may have set PIL's global switch; the data loader still refuses.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    task, bad, _ = _layout("catdog-petimages", tmp_path / "data")
+    d = _load(task, tmp_path / "data", image_size=32)
+    assert d.manifest["skipped_by_reason"]["truncated image"] == sum(r == "truncated image" for r in bad.values())
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a folder\n")
+    for where in (f, f / "below"):
+        with pytest.raises(DataError, match="is a file, not a data folder"):
+            _load("cifar10", where)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

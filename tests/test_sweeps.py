@@ -323,3 +323,45 @@ def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
     confirms = [row(f"c{i}", 0.8, role="confirm", test=t, confirm_of="c") for i, t in enumerate((0.7, 0.8, 0.9))]
     st = confirmation_stats(rows + confirms)["c"]
     assert st["n"] == 3 and st["test_mean"] == pytest.approx(0.8) and st["test_std"] == pytest.approx(0.1)
+
+
+def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):
+    from sweeps.core import KEEP_RECENT_S, METRICS_FILE, prune_checkpoints
+
+    now = time.time()
+    accs = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65}
+    for epoch, acc in accs.items():
+        d = tmp_path / f"checkpoint_{epoch - 1:06d}"
+        d.mkdir()
+        (d / METRICS_FILE).write_text(json.dumps({"epoch": epoch, "val/acc": acc}))
+        age = KEEP_RECENT_S + 100 if epoch <= 3 else 10  # epochs 4 and 5 were written moments ago
+        os.utime(d, (now - age, now - age))
+    (tmp_path / "checkpoint_000009").mkdir()  # being written: no metrics yet, left alone
+    gone = prune_checkpoints(tmp_path, now=now)
+    assert sorted(d.name for d in gone) == ["checkpoint_000000", "checkpoint_000002"]  # old and neither best nor newest
+    left = sorted(d.name for d in tmp_path.iterdir())
+    assert left == ["checkpoint_000001", "checkpoint_000003", "checkpoint_000004", "checkpoint_000009"]
+
+
+def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_path):
+    from sweeps.cifar10 import SPEC
+    from sweeps.journal import Journal, trial_key
+    from sweeps.search import Orphans, Space, make_searcher
+
+    journal = Journal(tmp_path / "journal", "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    first = make_searcher(Space(SPEC.ranges, {"width": 8}), None, seed=0, max_concurrent=None)
+    configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}
+    for tid, cfg in configs.items():
+        journal.append("create_run", trial_key(tid), trial_id=tid, config=cfg, ts=0)
+    # Tune's last snapshot knew "a" and "b"; "c" began after it, then the driver was killed.
+    orphans = Orphans.from_journal(journal, {"a", "b"}, str(tmp_path / "exp"), roles=("trial", "baseline"))
+    assert [(o.trial_id, o.dirs) for o in orphans.entries] == [("c", [str(tmp_path / "exp" / "trial-c")])]
+
+    again = make_searcher(Space(SPEC.ranges, {"width": 8}), None, seed=7, max_concurrent=None)  # another seed
+    again.orphans = orphans
+    adopted = again.suggest("d")
+    assert adopted["adopt"]["trial_id"] == "c"
+    assert {k: v for k, v in adopted.items() if k != "adopt"} == configs["c"]  # exactly its config
+    assert "adopt" not in again.suggest("e")  # then Optuna goes on as usual
+    assert [t.state.name for t in again.inner._ot_study.trials] == ["RUNNING", "RUNNING"]
+    journal.close(timeout=0)
