@@ -316,6 +316,41 @@ def test_diverged_trials_stop_within_one_epoch_and_are_recorded_everywhere(tmp_p
     assert [(t.state.name, t.value, t.user_attrs["status"]) for t in ot] == [("COMPLETE", 0.0, "diverged")] * 2
 
 
+# --- 5. corrupt images in both tasks' folders --------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["cifar10", "catdog"])
+def test_sweep_runs_on_folders_with_corrupt_files_and_counts_them(tmp_path, task):
+    from tests.conftest import add_bad_files
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    if task == "cifar10":
+        for split, n in (("train", 12), ("test", 4)):
+            for c, cls in enumerate(CIFAR10_CLASSES):
+                for i in range(n):
+                    write_image(root / split / cls / f"{i}.png", class_image(c, 10, (32, 32), rng))
+        bad = {**add_bad_files(root / "train" / "cat"), **add_bad_files(root / "test" / "dog")}
+    else:  # Kaggle's flat layout: the label is the file name's prefix
+        for label, cls in enumerate(("cat", "dog")):
+            for i in range(30):
+                write_image(root / "train" / f"{cls}.{i}.jpg", class_image(label, 2, (80, 60), rng))
+        bad = add_bad_files(root / "train", prefix="dog.")
+    work = tmp_path / "work"
+    work.mkdir()
+    script = str(ROOT / "sweeps" / f"{task}.py")
+    r = subprocess.run(
+        [sys.executable, script, "--smoke-test", "--data-dir", str(root), "--confirm", "0", "--no-download",
+         *paths(work, "bad")],
+        capture_output=True, text=True, timeout=420, cwd=work, env=env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"({len(bad)} files skipped)" in r.stdout
+    _, parents, runs = children(f"sqlite:///{work / 'mlflow.db'}", "bad", experiment=task)
+    assert parents[0].data.metrics["data/files_skipped"] == len(bad)
+    assert len(runs) == 3 and all(c.info.status == "FINISHED" for c in runs)
+
+
 # --- 7. the MLflow server goes down ---------------------------------------------------------------
 
 
