@@ -197,8 +197,9 @@ def run_trial(
         with tempfile.TemporaryDirectory() as d:
             _write_checkpoint_dir(Path(d), resume, {**found[1], **extra})
             tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
-    if found is not None and found[1]["epoch"] >= cfg.epochs and "val/acc" in found[1]:
-        return  # the trial had finished before the driver went down; it is not trained twice
+    ended = bool((config.get("adopt") or {}).get("ended"))  # e.g. stopped by ASHA before the driver went down
+    if found is not None and (found[1]["epoch"] >= cfg.epochs or ended) and "val/acc" in found[1]:
+        return  # the trial had ended before the driver went down; it is not trained twice
 
     def report(epoch: int, metrics: dict, save) -> None:
         m = {**metrics, **extra}
@@ -634,9 +635,8 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from sweeps.finish import collect, confirm_configs, finish, rank
     from sweeps.journal import Journal
-    from sweeps.search import FixedConfigs, Orphans, Space, export_study, make_searcher, set_orphans
+    from sweeps.search import Space, make_searcher
     from sweeps.tracking import MLflowCallback, ProgressCallback, SweepASHA
 
     # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
@@ -770,68 +770,96 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
                 ),
             )
             known = set()
-        orphans = Orphans.from_journal(journal, known, path, roles=("trial", "baseline"))
-        if orphans.entries:
-            print(f"{len(orphans.entries)} trial(s) began after Tune's last snapshot; they continue where they were")
-        set_orphans(tuner, orphans)
-        results, statuses = _fit(tuner, mlflow_cb)
-        if results is None or _unfinished(statuses, total):
+        try:
+            return _run_tuners(
+                args, spec, name, storage, path, confirm_path, tuner, known, journal, mlflow_cb, data,
+                base, baseline, total, trainable_for, interrupted,
+            )  # fmt: skip
+        except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
             return interrupted()
-        export_study(tuner, out_dir / "optuna.db")
-        rows = collect(results, base, baseline)
-
-        confirm = confirm_configs(rank(rows), args.confirm_top, args.confirm, args.seed) if args.confirm else []
-        if confirm:
-            # The top configurations again with fresh seeds (same data and splits), so no claim
-            # rests on one lucky run. A second Tuner in the same Ray session; FIFO, no search.
-            print(f"confirming the top {len(confirm) // args.confirm} with {args.confirm} fresh seeds each", flush=True)
-            progress_c = ProgressCallback(total=len(confirm), max_epochs=args.max_epochs, base=base, baseline=baseline)
-            if args.resume and _can_restore(storage, f"{name}-confirm"):
-                ctuner = tune.Tuner.restore(confirm_path, trainable=trainable_for(confirm_path), resume_errored=True)
-                ctuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress_c]
-                cknown = _known_trials(ctuner)
-            else:
-                if args.resume:
-                    _set_aside_tune_state(storage, f"{name}-confirm")
-                ctuner = tune.Tuner(
-                    trainable_for(confirm_path),
-                    tune_config=tune.TuneConfig(
-                        search_alg=FixedConfigs(confirm),
-                        num_samples=len(confirm),
-                        reuse_actors=True,
-                        trial_dirname_creator=_trial_dirname,
-                    ),
-                    run_config=tune.RunConfig(
-                        name=f"{name}-confirm",
-                        storage_path=storage,
-                        callbacks=[mlflow_cb, progress_c],
-                        failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                        checkpoint_config=tune.CheckpointConfig(),
-                        verbose=0,
-                    ),
-                )
-                cknown = set()
-            set_orphans(ctuner, Orphans.from_journal(journal, cknown, confirm_path, roles=("confirm",)))
-            cresults, cstatuses = _fit(ctuner, mlflow_cb)
-            if cresults is None or _unfinished(cstatuses, len(confirm)):
-                return interrupted()
-            rows += collect(cresults, base, baseline)
-            statuses = {**statuses, **cstatuses}
-        mlflow_cb.close_orphans(interrupted=False)
-        summary = finish(rows, statuses, out_dir, mlflow_cb, data, wait=args.mlflow_wait)
-        left = journal.close(timeout=args.mlflow_wait)
-        if left:
-            sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", name, "--out", str(args.out)])
-            print(
-                f"{spec.task} sweep: error: MLflow at {args.tracking_uri} stayed unreachable; {left} writes are "
-                f"kept in {journal.folder}. Once it is back: {sync_cmd}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        return EXIT_FAILED if summary["failed"] else EXIT_OK
+        except BaseException:
+            mlflow_cb.close_orphans(interrupted=True)  # no run left RUNNING, however it ended
+            journal.close(timeout=min(args.mlflow_wait, 10.0))
+            raise
     finally:
         journal.close(timeout=0)
         ray.shutdown()
+
+
+def _run_tuners(
+    args, spec, name, storage, path, confirm_path, tuner, known, journal, mlflow_cb, data,
+    base, baseline, total, trainable_for, interrupted,
+) -> int:  # fmt: skip
+    """The search Tuner, then the confirmation Tuner, then the end of the sweep."""
+    from ray import tune
+
+    from sweeps.finish import collect, confirm_configs, finish, rank
+    from sweeps.search import FixedConfigs, Orphans, export_study, set_orphans
+    from sweeps.tracking import ProgressCallback
+
+    out_dir = args.out / name
+    orphans = Orphans.from_journal(journal, known, path, roles=("trial", "baseline"))
+    if orphans.entries:
+        print(f"{len(orphans.entries)} trial(s) began after Tune's last snapshot; they continue where they were")
+    set_orphans(tuner, orphans)
+    results, statuses = _fit(tuner, mlflow_cb)
+    if results is None or _unfinished(statuses, total):
+        return interrupted()
+    export_study(tuner, out_dir / "optuna.db")
+    rows = collect(results, base, baseline)
+
+    confirm = confirm_configs(rank(rows), args.confirm_top, args.confirm, args.seed) if args.confirm else []
+    if confirm:
+        # The top configurations again with fresh seeds (same data and splits), so no claim
+        # rests on one lucky run. A second Tuner in the same Ray session; FIFO, no search.
+        print(f"confirming the top {len(confirm) // args.confirm} with {args.confirm} fresh seeds each", flush=True)
+        progress_c = ProgressCallback(total=len(confirm), max_epochs=args.max_epochs, base=base, baseline=baseline)
+        if args.resume and _can_restore(storage, f"{name}-confirm"):
+            ctuner = tune.Tuner.restore(confirm_path, trainable=trainable_for(confirm_path), resume_errored=True)
+            ctuner._local_tuner.get_run_config().callbacks = [mlflow_cb, progress_c]
+            cknown = _known_trials(ctuner)
+        else:
+            if args.resume:
+                _set_aside_tune_state(storage, f"{name}-confirm")
+            ctuner = tune.Tuner(
+                trainable_for(confirm_path),
+                tune_config=tune.TuneConfig(
+                    search_alg=FixedConfigs(confirm),
+                    num_samples=len(confirm),
+                    reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{name}-confirm",
+                    storage_path=storage,
+                    callbacks=[mlflow_cb, progress_c],
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(),
+                    verbose=0,
+                ),
+            )
+            cknown = set()
+        set_orphans(ctuner, Orphans.from_journal(journal, cknown, confirm_path, roles=("confirm",)))
+        cresults, cstatuses = _fit(ctuner, mlflow_cb)
+        if cresults is None or _unfinished(cstatuses, len(confirm)):
+            return interrupted()
+        rows += collect(cresults, base, baseline)
+        statuses = {**statuses, **cstatuses}
+    mlflow_cb.close_orphans(interrupted=False)
+    summary = finish(rows, statuses, out_dir, mlflow_cb, data, wait=args.mlflow_wait)
+    left = journal.close(timeout=args.mlflow_wait)
+    if left:
+        sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", name, "--out", str(args.out)])
+        print(
+            f"{spec.task} sweep: error: MLflow at {args.tracking_uri} stayed unreachable; {left} writes are "
+            f"kept in {journal.folder}. Once it is back: {sync_cmd}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if journal.rejected:
+        print(f"{spec.task} sweep: error: MLflow refused {journal.rejected} writes; see {journal.rejected_path}")
+        return EXIT_FAILED
+    return EXIT_FAILED if summary["failed"] else EXIT_OK
 
 
 def _first_line(e: BaseException) -> str:

@@ -196,7 +196,7 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float
         print(f"reproduce: {best['command']}")
     summary = {
         "outcomes": outcomes,
-        "failed": sum(outcomes[k] for k in FAILED),
+        "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
         "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
         "baseline_test_acc": base_row.test_acc if base_row else None,
         "confirmation": confirm,

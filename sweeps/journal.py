@@ -75,6 +75,7 @@ class Journal:
             self._index(op)
             if op["seq"] > self.applied:
                 self._pending.append(op)
+        self._truncate_torn_tail()
         self._file = open(self.ops_path, "a", encoding="utf-8")  # noqa: SIM115 (open for the journal's life)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -97,6 +98,24 @@ class Journal:
                 except json.JSONDecodeError:
                     break  # the driver died mid-line: that op was never acknowledged to anyone
         return ops
+
+    def _truncate_torn_tail(self) -> None:
+        """Cut a line that a kill left half-written, so the ops appended next start on a line of their own."""
+        if not self.ops_path.exists():
+            return
+        data = self.ops_path.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            good += len(line)
+        if good < len(data):
+            with open(self.ops_path, "r+b") as f:
+                f.truncate(good)
 
     def _index(self, op: dict) -> None:
         kind, key = op["op"], op.get("key")
@@ -197,8 +216,10 @@ class Journal:
                             f"warning: MLflow at {self.tracking_uri} is unreachable ({_one_line(e)[:160]}); training "
                             f"goes on, writes are spooled in {self.ops_path} and retried"
                         )
+                    deadline = time.monotonic() + backoff  # new ops notify too: they must not cut the wait short
                     with self._cv:
-                        self._cv.wait(timeout=backoff)
+                        while not self._stop and time.monotonic() < deadline:
+                            self._cv.wait(timeout=deadline - time.monotonic())
                         if self._stop:
                             return
                     backoff = min(backoff * 2, 5.0)
@@ -257,22 +278,24 @@ class Journal:
         if kind in ("meta", "alias"):
             return
         if kind == "create_run":
-            if key in self.run_ids:
-                return
-            exp = self._experiment()
-            marker = f"{self.sweep}/{key}"
-            found = c.search_runs([exp], f"tags.`cnnclf.key` = '{marker}'", max_results=1)
-            if found:
-                self.run_ids[key] = found[0].info.run_id
-                return
-            tags = {**op.get("tags", {}), "cnnclf.key": marker}
-            if key != SWEEP_KEY:
-                tags["mlflow.parentRunId"] = self._run_id(SWEEP_KEY)
-            run = c.create_run(exp, start_time=op["ts"], tags=tags, run_name=op.get("name"))
-            self.run_ids[key] = run.info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in sorted(op.get("params", {}).items())]
+            run_id = self.run_ids.get(key)
+            if run_id is None:
+                exp = self._experiment()
+                marker = f"{self.sweep}/{key}"
+                found = c.search_runs([exp], f"tags.`cnnclf.key` = '{marker}'", max_results=1)
+                if found:  # created before a crash or a lost reply: the same run, not a second one
+                    run_id = found[0].info.run_id
+                else:
+                    tags = {**op.get("tags", {}), "cnnclf.key": marker}
+                    if key != SWEEP_KEY:
+                        tags["mlflow.parentRunId"] = self._run_id(SWEEP_KEY)
+                    run_id = c.create_run(exp, start_time=op["ts"], tags=tags, run_name=op.get("name")).info.run_id
+            # The params may be missing when the op was cut short after the run was created.
+            existing = c.get_run(run_id).data.params
+            params = [Param(k, str(v)[:6000]) for k, v in sorted(op.get("params", {}).items()) if k not in existing]
             for i in range(0, len(params), BATCH["params"]):
-                c.log_batch(run.info.run_id, params=params[i : i + BATCH["params"]])
+                c.log_batch(run_id, params=params[i : i + BATCH["params"]])
+            self.run_ids[key] = run_id  # only now: a retry of this op completes the params
         elif kind == "log":
             run_id = self._run_id(key)
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op.get("metrics", [])]

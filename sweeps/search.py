@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
 from optuna.samplers import TPESampler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -24,6 +25,7 @@ class Orphan:
     role: str
     config: dict  # its Tune config, without meta keys
     dirs: list[str]  # its storage folder and those of trials that already continued it
+    ended: bool = False  # it had ended (ASHA-stopped, say): replay its last result, train no further
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Orphans:
                 continue
             ids = [t.trial_id, *t.adopted_by]
             dirs = [str(Path(experiment_path) / f"{role}-{i}") for i in ids] if "://" not in experiment_path else []
-            entries.append(Orphan(t.trial_id, role, _strip(t.config), dirs))
+            entries.append(Orphan(t.trial_id, role, _strip(t.config), dirs, ended=t.status is not None))
         return cls(entries)
 
     def unclaimed(self, role: str) -> list[Orphan]:
@@ -58,7 +60,7 @@ class Orphans:
         for o in self.entries:
             if o.trial_id not in self.claimed and o.config == plain:
                 self.claimed.add(o.trial_id)
-                return {**config, "adopt": {"trial_id": o.trial_id, "dirs": o.dirs}}
+                return {**config, "adopt": {"trial_id": o.trial_id, "dirs": o.dirs, "ended": o.ended}}
         return config
 
 
@@ -161,9 +163,13 @@ class BaselineThenOptuna(Searcher):
             return orphans.claim(dict(self.baseline))
         for o in orphans.unclaimed("trial"):
             if o.trial_id not in orphans.enqueued:
-                # Optuna hands these exact values out next, under this study's bookkeeping.
+                # Optuna hands these exact values out next, under this study's bookkeeping; not twice,
+                # when an earlier --resume enqueued them already and was killed before they started.
                 params = {k: v for k, v in o.config.items() if k in self._suggested_names(o.config)}
-                self.inner._ot_study.enqueue_trial(params, skip_if_exists=False)
+                study = self.inner._ot_study
+                waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                if not any(t.system_attrs.get("fixed_params") == params for t in waiting):
+                    study.enqueue_trial(params, skip_if_exists=False)
                 orphans.enqueued.add(o.trial_id)
         config = self.inner.suggest(trial_id)
         return orphans.claim(config) if isinstance(config, dict) else config
@@ -177,8 +183,8 @@ class BaselineThenOptuna(Searcher):
             self.inner.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id == self.baseline_trial:
-            return
+        if trial_id == self.baseline_trial or trial_id in self.inner._completed_trials:
+            return  # e.g. an errored trial that --resume runs again: Optuna has already been told
         ot_trial = self.inner._ot_trials.get(trial_id)
         if ot_trial is not None:
             # Diverged and out-of-memory trials are told as the worst value (0.0, what the

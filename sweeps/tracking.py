@@ -61,6 +61,11 @@ class MLflowCallback(tune.Callback):
         self.sweep = journal.sweep
         self.experiment = journal.experiment
         self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
+        # Trials seen to end (on_trial_complete / on_trial_error, or already ended when a restored
+        # sweep began). On Ctrl-C, Tune's cleanup marks running trials TERMINATED without telling
+        # callbacks: those must count as interrupted, not as finished.
+        self.ended: set[str] = set()
+        self._first_step = True
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
         return {k: v for k, v in self.__dict__.items() if k != "journal"}
@@ -86,6 +91,11 @@ class MLflowCallback(tune.Callback):
 
     def setup(self, **info) -> None:
         self.start()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._first_step:
+            self._first_step = False
+            self.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         j = self.journal
@@ -147,6 +157,7 @@ class MLflowCallback(tune.Callback):
         self.journal.append("status", key, status=mlflow_status, ts=now_ms())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
         last = trial.last_result or {}
         planned = trial_config(trial.config, self.base, self.baseline).epochs
         if last.get("failure"):
@@ -162,6 +173,7 @@ class MLflowCallback(tune.Callback):
         self._finish(trial, kind, mlflow_status, tags)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
         msg = ""
         if trial.error_file:
             with contextlib.suppress(OSError):
@@ -177,7 +189,8 @@ class MLflowCallback(tune.Callback):
             self.journal.append("log", key, tags=[["retries", str(trial.num_failures)]])
 
     def on_experiment_end(self, trials, **info) -> None:
-        self.trial_statuses = {t.trial_id: t.status for t in trials}  # this Tuner's trials
+        # This Tuner's trials; one that never reported its end was cut short by an interruption.
+        self.trial_statuses = {t.trial_id: t.status if t.trial_id in self.ended else "INTERRUPTED" for t in trials}
 
     def close_orphans(self, interrupted: bool) -> int:
         """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
