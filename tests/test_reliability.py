@@ -459,3 +459,26 @@ def test_mlflow_unreachable_at_start_exits_2_before_training(tmp_path, cifar_dir
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--tracking-uri" in r.stderr
     assert "epoch" not in r.stdout and not (tmp_path / "ray_results").exists() and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_last_trials_run_is_an_interruption(tmp_path, cifar_dir):
+    # No trial pending: Tune's cleanup marks the running ones TERMINATED without telling callbacks.
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "1", "--max-epochs", "3", "--no-baseline",
+        "--fix", "batch_size=4", *SMALL, *paths(tmp_path, "last"),
+    ]  # fmt: skip
+    proc = start(tmp_path, args)
+    wait_for_line(proc, "epoch 1/3")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out and not (tmp_path / "out" / "last" / "summary.json").exists()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, parents, runs = children(uri, "last")
+    assert [r.info.status for r in [*parents, *runs]] == ["KILLED", "KILLED"]
+    r = run(tmp_path, [*args, "--resume"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, parents, runs = children(uri, "last")
+    assert parents[0].info.status == "FINISHED" and len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["status"] == "completed"  # not early_stopped: it ran all 3 epochs
+    assert steps(client, runs[0].info.run_id, "val/acc") == [1, 2, 3]

@@ -365,3 +365,21 @@ def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_
     assert "adopt" not in again.suggest("e")  # then Optuna goes on as usual
     assert [t.state.name for t in again.inner._ot_study.trials] == ["RUNNING", "RUNNING"]
     journal.close(timeout=0)
+
+
+def test_journal_cuts_a_line_torn_by_a_kill_and_keeps_the_rest(tmp_path):
+    from sweeps.journal import Journal, trial_key
+
+    j = Journal(tmp_path, "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    j.append("create_run", trial_key("a"), trial_id="a", config={"lr": 0.1}, ts=0)
+    j.append("log", trial_key("a"), metrics=[["val/acc", 0.5, 0, 1]])
+    j._file.close()
+    with open(tmp_path / "ops.jsonl", "a") as f:
+        f.write('{"seq": 3, "op": "log", "key": "trial:a", "metr')  # the driver died mid-write
+    again = Journal(tmp_path, "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    assert again.seq == 2 and again.trials["trial:a"].last_step == 1 and again.pending() == 2
+    again.append("log", trial_key("a"), metrics=[["val/acc", 0.6, 0, 2]])
+    again._file.close()
+    third = Journal(tmp_path, "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    assert third.seq == 3 and third.trials["trial:a"].last_step == 2  # the op after the tear is not lost
+    assert not (tmp_path / "unused.db").exists() and not Path("unused.db").exists()  # nothing applied
