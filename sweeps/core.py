@@ -464,6 +464,28 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
+        print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _sigterm_as_sigint() -> None:
+    """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
+    runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
+    import signal
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _main(spec: TaskSpec, argv: list[str]) -> int:
@@ -659,6 +681,7 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
         raise UsageError(
             f"argument --address: cannot join the Ray cluster at {args.address} ({_first_line(e)})"
         ) from None
+    _sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
     journal = Journal(out_dir / "journal", args.tracking_uri, args.experiment, name)
     if not journal.meta:
         journal.append(

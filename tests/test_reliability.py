@@ -461,15 +461,17 @@ def test_mlflow_unreachable_at_start_exits_2_before_training(tmp_path, cifar_dir
     assert "epoch" not in r.stdout and not (tmp_path / "ray_results").exists() and not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_while_the_last_trials_run_is_an_interruption(tmp_path, cifar_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_while_the_last_trials_run_saves_state_and_resumes(tmp_path, cifar_dir, sig):
     # No trial pending: Tune's cleanup marks the running ones TERMINATED without telling callbacks.
+    # SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path.
     args = [
         "--data-dir", cifar_dir, "--num-samples", "1", "--max-epochs", "3", "--no-baseline",
         "--fix", "batch_size=4", *SMALL, *paths(tmp_path, "last"),
     ]  # fmt: skip
     proc = start(tmp_path, args)
     wait_for_line(proc, "epoch 1/3")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
     assert "--resume" in out and not (tmp_path / "out" / "last" / "summary.json").exists()
