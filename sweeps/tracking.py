@@ -249,8 +249,13 @@ class ProgressCallback(tune.Callback):
         self.started = time.monotonic()
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        if not self._counted:  # a resumed sweep starts with its finished trials counted
+        if not self._counted:  # a resumed sweep starts with its finished trials counted, and their best
             self.done = sum(t.status in FINISHED_STATUSES for t in trials)
+            for t in trials:
+                last = t.last_result or {}
+                acc = last.get(METRIC)
+                if t.config.get("role", "trial") == "trial" and finite(acc) and not last.get("diverged"):
+                    self.best = max(self.best, acc)
             self._counted = True
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

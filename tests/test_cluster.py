@@ -246,30 +246,34 @@ class Cluster:
     env: dict[str, str]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+class _Ports:
+    """Distinct ports for both nodes, taken from one block of consecutive free ports. The block lies
+    below the OS's ephemeral range (32768 and up), where nothing picks ports at random, and above
+    Ray's default worker ports (10002-19999), which other Ray instances on this machine use."""
+
+    def __init__(self, n: int = 240) -> None:
+        for _ in range(200):
+            low = random.randrange(20000, 32700 - n)
+            try:
+                for port in range(low, low + n):
+                    with socket.socket() as s:
+                        s.bind(("", port))
+            except OSError:
+                continue
+            self._next, self._end = low, low + n
+            return
+        raise RuntimeError("no free port block")
+
+    def take(self, n: int = 1) -> int:
+        first, self._next = self._next, self._next + n
+        assert self._next <= self._end, "port block exhausted"
+        return first
 
 
-def _free_port_range(n: int = 100) -> tuple[int, int]:
-    """n consecutive free ports, away from Ray's default worker ports (10002-19999) other Ray instances use."""
-    for _ in range(200):
-        low = random.randrange(20000, 60000 - n)
-        try:
-            for port in range(low, low + n):
-                with socket.socket() as s:
-                    s.bind(("", port))
-        except OSError:
-            continue
-        return low, low + n - 1
-    raise RuntimeError("no free port range")
-
-
-def _node_ports() -> list[str]:
+def _node_ports(ports: _Ports) -> list[str]:
     """Every port a node opens, chosen here: two nodes share this machine (and other Ray instances may too)."""
-    low, high = _free_port_range()
-    args = ["--min-worker-port", str(low), "--max-worker-port", str(high)]
+    low = ports.take(100)
+    args = ["--min-worker-port", str(low), "--max-worker-port", str(low + 99)]
     for flag in (
         "--node-manager-port",
         "--object-manager-port",
@@ -278,7 +282,7 @@ def _node_ports() -> list[str]:
         "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port",
     ):
-        args += [flag, str(_free_port())]
+        args += [flag, str(ports.take())]
     return args
 
 
@@ -337,14 +341,15 @@ def two_nodes() -> Iterator[Cluster]:
     # Token auth off for these private nodes: a token in ~/.ray would otherwise enable it on the head only.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     common = ["--temp-dir", str(temp_dir), "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
-    port = _free_port()
+    ports = _Ports()
+    port = ports.take()
     procs: list[subprocess.Popen] = []
     try:
         head_args = ["--head", "--port", str(port), "--include-dashboard", "false"]
-        head_args += ["--dashboard-port", str(_free_port()), *common, *_node_ports()]
+        head_args += ["--dashboard-port", str(ports.take()), *common, *_node_ports(ports)]
         procs.append(_start_node(head_args, temp_dir / "head.log", env))
         address = f"127.0.0.1:{port}"
-        procs.append(_start_node(["--address", address, *common, *_node_ports()], temp_dir / "node2.log", env))
+        procs.append(_start_node(["--address", address, *common, *_node_ports(ports)], temp_dir / "node2.log", env))
         deadline = time.monotonic() + 60
         while len(node_ids := _alive_node_ids(address)) < 2:
             assert time.monotonic() < deadline, f"only {len(node_ids)} node(s) joined"
