@@ -59,6 +59,7 @@ OUTCOME_LABELS = {
     "completed": "completed",
     "early_stopped": "early-stopped (ASHA)",
     "diverged": "diverged",
+    "oom": "failed (out of memory)",
     "error": "failed (error)",
     "interrupted": "interrupted (KILLED)",
     "running": "still running",

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 # Tag `status` values written by sweeps/tracking.py, plus `running` for a sweep still in progress.
-OUTCOMES = ("completed", "early_stopped", "diverged", "error", "interrupted", "running")
+OUTCOMES = ("completed", "early_stopped", "diverged", "oom", "error", "interrupted", "running")
 # Parameters that only mean something for some optimizers (the conditional search space).
 SGD_ONLY = ("momentum", "nesterov")
 ADAM_ONLY = ("amsgrad",)

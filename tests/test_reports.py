@@ -502,3 +502,12 @@ def test_html_loads_in_headless_chromium(default_run, tmp_path, which):
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', r.stdout)
     assert m, "the page's load handler did not run"
     assert int(m.group(1)) == int(m.group(2)) == n_images
+
+
+def test_outcome_reads_the_sweeps_status_tags():
+    from reports.data import outcome
+
+    assert outcome("oom", "FAILED") == "oom"  # out of memory is its own outcome, not a generic error
+    assert outcome("diverged", "FAILED") == "diverged"
+    assert outcome("completed", "KILLED") == "interrupted"  # orphaned by an interruption: left out of rankings
+    assert outcome(None, "FAILED") == "error"
