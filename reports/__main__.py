@@ -84,18 +84,31 @@ def check_args(args: argparse.Namespace) -> None:
             raise ReportError(f"--tracking-uri: {path} is not an MLflow (SQLite) database")
 
 
-def _is_mlflow_sqlite(path: Path) -> bool:
+def sqlite_tables(path: Path) -> set[str] | None:
+    """The tables of a SQLite file, or None when it is not one.
+
+    A writer killed mid-transaction leaves a hot journal that a read-only connection cannot roll back
+    ("attempt to write a readonly database"); a read-write one rolls it back first, as any SQLite
+    client would, so a sweep's database stays readable after a crash.
+    """
     import sqlite3
 
     with open(path, "rb") as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:
-        return False
-    return {"experiments", "runs"} <= tables
+            return None
+    writable = os.access(path, os.W_OK) and os.access(path.resolve().parent, os.W_OK)
+    for mode in ("rw", "ro") if writable else ("ro",):
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True)) as db:
+                return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error:
+            continue
+    return None
+
+
+def _is_mlflow_sqlite(path: Path) -> bool:
+    tables = sqlite_tables(path)
+    return tables is not None and {"experiments", "runs"} <= tables
 
 
 def _main(args: argparse.Namespace) -> int:

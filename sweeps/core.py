@@ -431,12 +431,12 @@ def check_tracking(uri: str) -> None:
         db = Path(uri.removeprefix("sqlite:///")).expanduser()
         if db.is_dir():
             raise UsageError(f"argument --tracking-uri: {db} is a folder, not a database file")
-        if db.is_file() and db.stat().st_size > 0:
-            from reports.__main__ import _is_mlflow_sqlite
-
-            if not _is_mlflow_sqlite(db):  # MLflow would add its tables to another program's database
-                raise UsageError(f"argument --tracking-uri: {db} is not an MLflow database")
-    if uri.startswith(("http://", "https://")):
+        folder = db.resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"argument --tracking-uri: {folder} is not a writable folder")
+        if db.is_file() and db.stat().st_size > 0 and _mlflow_tables(db) is None:
+            raise UsageError(f"argument --tracking-uri: {db} is not an MLflow database")
+    elif uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
 
@@ -446,12 +446,82 @@ def check_tracking(uri: str) -> None:
                     raise OSError(f"HTTP {r.status}")
         except (urllib.error.URLError, OSError) as e:
             raise UsageError(f"argument --tracking-uri: cannot reach {uri} ({getattr(e, 'reason', e)})") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise UsageError(f"argument --tracking-uri: {folder} is not a writable folder")
     elif uri.startswith(("file:", "/", "./")) or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+
+
+def _mlflow_tables(db: Path) -> set[str] | None:
+    """The tables of an MLflow SQLite database, maybe half-made; None for any other file."""
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import InitialBase
+
+    from reports.__main__ import sqlite_tables
+
+    tables = sqlite_tables(db)
+    ours = set(Base.metadata.tables) | set(InitialBase.metadata.tables) | {"alembic_version"}
+    # MLflow's first table is experiments; one that holds runs also has its schema's revision.
+    if tables is None or not ((tables <= ours and "experiments" in tables) or {"alembic_version", "runs"} <= tables):
+        return None  # another program's database, which MLflow would add its tables to
+    return tables
+
+
+def prepare_tracking(uri: str) -> None:
+    """Make a SQLite tracking database ready, once all input is checked and before any training.
+
+    MLflow builds its schema in some 60 migrations that are not crash-safe: a sweep killed while they
+    ran leaves a database MLflow cannot open again. Such a database holds no run (runs come after the
+    last migration), so it is set aside and made anew; the sweep's journal holds everything to write.
+    Two sweeps starting at once on one database take turns, under a lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+    import hashlib
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.db.utils import _get_latest_schema_revision
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///")).expanduser()
+    key = hashlib.md5(str(db.resolve()).encode(), usedforsecurity=False).hexdigest()
+    with open(Path(tempfile.gettempdir()) / f"cnnclf-mlflow-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        tables = _mlflow_tables(db) if db.is_file() and db.stat().st_size > 0 else None
+        revision, has_runs = _schema(db, tables) if tables else (None, False)
+        head = _get_latest_schema_revision()
+        if tables and revision != head and has_runs:
+            raise UsageError(
+                f"argument --tracking-uri: {db} has MLflow schema {revision}, this MLflow needs {head}; "
+                f"back it up, then run: mlflow db upgrade {uri}"
+            )
+        if tables and revision != head:
+            aside = db.with_name(f"{db.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                if (part := Path(f"{db}{suffix}")).exists():
+                    os.replace(part, f"{aside}{suffix}")
+            print(
+                f"MLflow: {db} was left half-made by a killed process and holds no run; "
+                f"set aside as {aside.name}, starting a fresh one",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # makes the schema if new
+        except MlflowException as e:
+            raise UsageError(f"argument --tracking-uri: {db}: {' '.join(e.message.split())}") from None
+
+
+def _schema(db: Path, tables: set[str]) -> tuple[str | None, bool]:
+    """The database's schema revision, and whether it holds any run."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as c:
+        revision = None
+        if "alembic_version" in tables:
+            row = c.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = row[0] if row else None
+        has_runs = "runs" in tables and c.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None
+    return revision, has_runs
 
 
 def _storage_uri(path: str) -> str:
@@ -559,6 +629,7 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
         flush=True,
     )
+    prepare_tracking(args.tracking_uri)
     return run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, faults)
 
 
@@ -589,6 +660,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     meta = Journal(folder, "", "", args.name, verbose=False).meta
     uri = args.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI
     check_tracking(uri)
+    prepare_tracking(uri)
     _quiet_mlflow_http()
     journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
     todo = journal.pending()
