@@ -143,6 +143,7 @@ def run_trial(
     baseline: TrainConfig | None = None,
     experiment_path: str | None = None,
     faults: list | None = None,
+    finished: frozenset[str] = frozenset(),
 ) -> None:
     import ray
     import torch
@@ -197,7 +198,9 @@ def run_trial(
         with tempfile.TemporaryDirectory() as d:
             _write_checkpoint_dir(Path(d), resume, {**found[1], **extra})
             tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
-    ended = bool((config.get("adopt") or {}).get("ended"))  # e.g. stopped by ASHA before the driver went down
+    # It had ended before the driver went down (stopped by ASHA, say) though Tune's last snapshot
+    # has it running: an orphan handed out again, or a trial Tune restored (`finished`, from the journal).
+    ended = bool((config.get("adopt") or {}).get("ended")) or trial_id in finished
     if found is not None and (found[1]["epoch"] >= cfg.epochs or ended) and "val/acc" in found[1]:
         return  # the trial had ended before the driver went down; it is not trained twice
 
@@ -785,6 +788,7 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
                     baseline=baseline,
                     experiment_path=experiment_path,
                     faults=list(faults),
+                    finished=journal.finished_trial_ids(),
                 ),
                 {"cpu": args.cpus_per_trial, "gpu": gpus},
             )

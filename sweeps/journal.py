@@ -141,6 +141,11 @@ class Journal:
     def key_of(self, trial_id: str) -> str:
         return self.aliases.get(trial_id, trial_key(trial_id))
 
+    def finished_trial_ids(self) -> frozenset[str]:
+        """Tune ids of trials whose runs ended FINISHED (completed, or stopped by ASHA)."""
+        ended = [t for t in self.trials.values() if t.status == "FINISHED"]
+        return frozenset(i for t in ended for i in (t.trial_id, *t.adopted_by))
+
     def open_trials(self) -> list[TrialEntry]:
         return [t for t in self.trials.values() if t.status is None]
 

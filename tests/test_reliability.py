@@ -176,6 +176,58 @@ def test_driver_killed_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_a_trial_stopped_after_tunes_last_snapshot_is_not_trained_on_by_resume(tmp_path, cifar_dir):
+    """ASHA stopped a trial, the journal recorded it, and the driver died before Tune's next snapshot.
+
+    The snapshot still has the trial running, so Tune's restore starts it again; the journal's word
+    wins: the trial reports where it stopped and trains no further. Tune's snapshots are made rare
+    (TUNE_GLOBAL_CHECKPOINT_S) and the stop is written to the journal as the callback writes it.
+    """
+    name = "stopped"
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "3", "--max-concurrent", "1",
+        "--no-baseline", "--fix", "batch_size=16", *SMALL, *paths(tmp_path, name),
+    ]  # fmt: skip
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "3600"
+    try:
+        proc = start(tmp_path, args)
+    finally:
+        del os.environ["TUNE_GLOBAL_CHECKPOINT_S"]
+    line = wait_for_line(proc, "epoch 1/3")[-1]  # "[0/2 done, 5s] <trial id> trial epoch 1/3 ..."
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    trial_id = line.split("]", 1)[1].split()[0]
+    state = max((tmp_path / "ray_results" / name).glob("experiment_state-*.json")).read_text()
+    assert trial_id in state  # Tune's snapshot knows the trial, unfinished: its restore starts it again
+
+    ops = tmp_path / "out" / name / "journal" / "ops.jsonl"
+    seq = json.loads(ops.read_text().splitlines()[-1])["seq"]
+    key = f"trial:{trial_id}"
+    with ops.open("a") as f:  # what MLflowCallback journals when ASHA stops a trial at epoch 1
+        f.write(json.dumps({"seq": seq + 1, "op": "log", "key": key,
+                            "tags": [["status", "early_stopped"], ["stopped_by", "asha"]]}) + "\n")  # fmt: skip
+        f.write(json.dumps({"seq": seq + 2, "op": "status", "key": key, "status": "FINISHED",
+                            "ts": int(time.time() * 1000)}) + "\n")  # fmt: skip
+
+    r = run(tmp_path, [*args, "--resume"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    by_id = {c.data.tags["trial_id"]: c for c in runs}
+    assert len(runs) == 2 and all(c.info.status == "FINISHED" for c in runs)
+    stopped = by_id[trial_id]
+    assert stopped.data.tags["status"] == "early_stopped" and stopped.data.tags["stopped_by"] == "asha"
+    assert steps(client, stopped.info.run_id, "val/acc") == [1]  # not trained on after its stop
+    [other] = [c for t, c in by_id.items() if t != trial_id]
+    assert other.data.tags["status"] == "completed" and steps(client, other.info.run_id, "val/acc") == [1, 2, 3]
+    last = json.loads(
+        (tmp_path / "ray_results" / name / f"trial-{trial_id}" / "result.json").read_text().splitlines()[-1]
+    )
+    assert last["epoch"] == 1
+    summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+    assert summary["outcomes"]["early_stopped"] == 1 and summary["outcomes"]["completed"] == 1
+
+
 # --- 2. a trial's worker SIGKILLed ------------------------------------------------------------
 
 
