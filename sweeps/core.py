@@ -546,19 +546,14 @@ def _sigterm_as_sigint() -> None:
     """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
     runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
     import signal
+    import threading
 
     def handler(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
 
-    if threading_is_main():
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
         signal.signal(signal.SIGTERM, handler)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _main(spec: TaskSpec, argv: list[str]) -> int:

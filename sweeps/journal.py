@@ -75,7 +75,6 @@ class Journal:
             self._index(op)
             if op["seq"] > self.applied:
                 self._pending.append(op)
-        self._truncate_torn_tail()
         self._file = open(self.ops_path, "a", encoding="utf-8")  # noqa: SIM115 (open for the journal's life)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -88,34 +87,25 @@ class Journal:
     # --- the ledger ---------------------------------------------------------------------------
 
     def _read_ops(self) -> list[dict]:
+        """The ops on file, in one pass. A line a kill left half-written (no newline, or not JSON) was
+        never acknowledged to anyone: it and anything after it are cut, so the ops appended next
+        start on a line of their own."""
         if not self.ops_path.exists():
             return []
-        ops = []
-        with open(self.ops_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    ops.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # the driver died mid-line: that op was never acknowledged to anyone
-        return ops
-
-    def _truncate_torn_tail(self) -> None:
-        """Cut a line that a kill left half-written, so the ops appended next start on a line of their own."""
-        if not self.ops_path.exists():
-            return
         data = self.ops_path.read_bytes()
-        good = 0
+        ops, good = [], 0
         for line in data.splitlines(keepends=True):
-            try:
-                json.loads(line)
-            except ValueError:
-                break
             if not line.endswith(b"\n"):
+                break
+            try:
+                ops.append(json.loads(line))
+            except ValueError:
                 break
             good += len(line)
         if good < len(data):
             with open(self.ops_path, "r+b") as f:
                 f.truncate(good)
+        return ops
 
     def _index(self, op: dict) -> None:
         kind, key = op["op"], op.get("key")
@@ -283,20 +273,19 @@ class Journal:
         if kind in ("meta", "alias"):
             return
         if kind == "create_run":
-            run_id = self.run_ids.get(key)
-            if run_id is None:
-                exp = self._experiment()
-                marker = f"{self.sweep}/{key}"
-                found = c.search_runs([exp], f"tags.`cnnclf.key` = '{marker}'", max_results=1)
-                if found:  # created before a crash or a lost reply: the same run, not a second one
-                    run_id = found[0].info.run_id
-                else:
-                    tags = {**op.get("tags", {}), "cnnclf.key": marker}
-                    if key != SWEEP_KEY:
-                        tags["mlflow.parentRunId"] = self._run_id(SWEEP_KEY)
-                    run_id = c.create_run(exp, start_time=op["ts"], tags=tags, run_name=op.get("name")).info.run_id
-            # The params may be missing when the op was cut short after the run was created.
-            existing = c.get_run(run_id).data.params
+            if key in self.run_ids:
+                return  # applied whole before: run_ids gets the key only once the params are in
+            exp = self._experiment()
+            marker = f"{self.sweep}/{key}"
+            found = c.search_runs([exp], f"tags.`cnnclf.key` = '{marker}'", max_results=1)
+            if found:  # created before a crash or a lost reply: the same run, its params maybe cut short
+                run_id, existing = found[0].info.run_id, found[0].data.params
+            else:
+                tags = {**op.get("tags", {}), "cnnclf.key": marker}
+                if key != SWEEP_KEY:
+                    tags["mlflow.parentRunId"] = self._run_id(SWEEP_KEY)
+                run_id = c.create_run(exp, start_time=op["ts"], tags=tags, run_name=op.get("name")).info.run_id
+                existing = {}
             params = [Param(k, str(v)[:6000]) for k, v in sorted(op.get("params", {}).items()) if k not in existing]
             for i in range(0, len(params), BATCH["params"]):
                 c.log_batch(run_id, params=params[i : i + BATCH["params"]])

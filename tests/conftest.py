@@ -42,6 +42,27 @@ def write_image(path: Path, arr: np.ndarray, fmt: str | None = None) -> None:
     Image.fromarray(arr).save(path, format=fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None))
 
 
+def write_cifar_folders(root: Path, n_train: int = 16, n_test: int = 4, rng: np.random.Generator | None = None) -> Path:
+    """`root/{train,test}/<class>/<i>.png`: CIFAR-10's folder layout, 32x32 images a model can tell apart."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    return root
+
+
+def write_catdog_flat(
+    root: Path, n: int = 40, size: tuple[int, int] = (80, 60), rng: np.random.Generator | None = None
+) -> Path:
+    """Kaggle's flat `root/train/{cat,dog}.<i>.jpg` layout: the label is the file name's prefix."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    for label, name in enumerate(("cat", "dog")):
+        for i in range(n):
+            write_image(root / "train" / f"{name}.{i}.jpg", class_image(label, 2, size, rng))
+    return root
+
+
 def add_corrupt_files(folder: Path, prefix: str = "") -> list[str]:
     """Zero-byte, truncated JPEG, text file and Thumbs.db; returns their names."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from cnnclf.data import CIFAR10_CLASSES
-from tests.conftest import add_bad_files, class_image, write_image
+from tests.conftest import add_bad_files, write_catdog_flat, write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = {"cnnclf": "cnnclf: error: ", "reports": "reports: error: ", "cifar10": "cifar10 sweep: error: "}
@@ -41,15 +41,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     """Valid and invalid things to point the CLIs at, all outside the cases' working directories."""
     root = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
-    data = root / "cifar"
-    for split, n in (("train", 10), ("test", 2)):
-        for c, name in enumerate(CIFAR10_CLASSES):
-            for i in range(n):
-                write_image(data / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
-    catdog = root / "dogs-vs-cats"
-    for label, name in enumerate(("cat", "dog")):
-        for i in range(10):
-            write_image(catdog / "train" / f"{name}.{i}.jpg", class_image(label, 2, (48, 48), rng))
+    data = write_cifar_folders(root / "cifar", 10, 2, rng)
+    catdog = write_catdog_flat(root / "dogs-vs-cats", 10, (48, 48), rng)
     broken = root / "broken"  # the CIFAR-10 layout with nothing readable in it
     for split in ("train", "test"):
         for name in CIFAR10_CLASSES:

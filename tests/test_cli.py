@@ -26,17 +26,11 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    import numpy as np
 
-    from cnnclf.data import CIFAR10_CLASSES
-    from tests.conftest import add_bad_files, add_odd_images, class_image, write_image
+    from tests.conftest import add_bad_files, add_odd_images, write_cifar_folders
 
     root = tmp_path_factory.mktemp("cli") / "cifar"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 20), ("test", 5)):
-        for c, name in enumerate(CIFAR10_CLASSES):
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    write_cifar_folders(root, 20, 5)
     bad = add_bad_files(root / "train" / "dog")  # every kind of broken file: training goes on without them
     add_odd_images(root / "train" / "dog", 5, 10)  # greyscale, CMYK, RGBA: kept
     ckpt = root.parent / "model.pt"

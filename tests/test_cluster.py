@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cnnclf.data import CIFAR10_CLASSES
-from tests.conftest import class_image, write_image
+from tests.conftest import write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("cluster*.yaml"))
@@ -363,11 +361,7 @@ def two_nodes() -> Iterator[Cluster]:
 @pytest.fixture
 def cifar_dir(tmp_path: Path) -> Path:
     root = tmp_path / "cifar"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
-        for c, name in enumerate(CIFAR10_CLASSES):
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    write_cifar_folders(root, 16, 4)
     return root
 
 

@@ -18,14 +18,13 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from cnnclf.data import CIFAR10_CLASSES
-from tests.conftest import class_image, write_image
+from tests.conftest import write_catdog_flat, write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "sweeps" / "cifar10.py")
@@ -37,11 +36,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reldata") / "cifar"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
-        for c, name in enumerate(CIFAR10_CLASSES):
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    write_cifar_folders(root, 16, 4)
     return root
 
 
@@ -375,18 +370,12 @@ def test_diverged_trials_stop_within_one_epoch_and_are_recorded_everywhere(tmp_p
 def test_sweep_runs_on_folders_with_corrupt_files_and_counts_them(tmp_path, task):
     from tests.conftest import add_bad_files
 
-    rng = np.random.default_rng(0)
     root = tmp_path / "data"
     if task == "cifar10":
-        for split, n in (("train", 12), ("test", 4)):
-            for c, cls in enumerate(CIFAR10_CLASSES):
-                for i in range(n):
-                    write_image(root / split / cls / f"{i}.png", class_image(c, 10, (32, 32), rng))
+        write_cifar_folders(root, 12, 4)
         bad = {**add_bad_files(root / "train" / "cat"), **add_bad_files(root / "test" / "dog")}
     else:  # Kaggle's flat layout: the label is the file name's prefix
-        for label, cls in enumerate(("cat", "dog")):
-            for i in range(30):
-                write_image(root / "train" / f"{cls}.{i}.jpg", class_image(label, 2, (80, 60), rng))
+        write_catdog_flat(root, 30)
         bad = add_bad_files(root / "train", prefix="dog.")
     work = tmp_path / "work"
     work.mkdir()

@@ -10,16 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnclf.config import TrainConfig
-from cnnclf.data import CIFAR10_CLASSES
 from sweeps.core import UsageError, parse_fix
 from sweeps.search import Space
-from tests.conftest import class_image, write_image
+from tests.conftest import write_catdog_flat, write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,22 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweepdata") / "cifar"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
-        for c, name in enumerate(CIFAR10_CLASSES):
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", class_image(c, 10, (32, 32), rng))
+    write_cifar_folders(root, 16, 4)
     return root
 
 
 @pytest.fixture(scope="module")
 def catdog_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sweepdata") / "dogs-vs-cats"
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(("cat", "dog")):
-        for i in range(40):
-            write_image(root / "train" / f"{name}.{i}.jpg", class_image(label, 2, (80, 60), rng))
-    return root
+    return write_catdog_flat(tmp_path_factory.mktemp("sweepdata") / "dogs-vs-cats", 40)
 
 
 def sweep(script: str, tmp: Path, *args, timeout=420) -> subprocess.CompletedProcess:
@@ -383,3 +372,31 @@ def test_journal_cuts_a_line_torn_by_a_kill_and_keeps_the_rest(tmp_path):
     third = Journal(tmp_path, "sqlite:///unused.db", "cifar10", "s", verbose=False)
     assert third.seq == 3 and third.trials["trial:a"].last_step == 2  # the op after the tear is not lost
     assert not (tmp_path / "unused.db").exists() and not Path("unused.db").exists()  # nothing applied
+
+
+def test_journal_completes_a_run_whose_params_a_crash_cut_short_and_never_makes_it_twice(tmp_path):
+    from sweeps.journal import SWEEP_KEY, Journal, trial_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "journal"
+    j = Journal(folder, uri, "cifar10", "s", verbose=False)
+    j.append("create_run", SWEEP_KEY, name="s", ts=0, tags={"sweep": "s", "role": "sweep"}, params={"seed": 0})
+    params = {"lr": 0.1, "width": 8, "depth": 2}
+    j.append("create_run", trial_key("a"), trial_id="a", config={}, name="trial-a", ts=0, tags={"role": "trial"},
+             params=params)  # fmt: skip
+    j._file.close()
+    client = MlflowClient(uri)  # the trial's run was created, then the driver died before its params
+    exp = client.create_experiment("cifar10")
+    parent = client.create_run(exp, tags={"cnnclf.key": f"s/{SWEEP_KEY}"})
+    client.log_param(parent.info.run_id, "seed", "0")
+    client.create_run(exp, tags={"cnnclf.key": "s/trial:a", "mlflow.parentRunId": parent.info.run_id})
+
+    again = Journal(folder, uri, "cifar10", "s", verbose=False)
+    assert again.pending() == 2  # nothing was acknowledged as applied
+    again.start()
+    assert again.close(timeout=60) == 0
+    runs = client.search_runs([exp])
+    assert len(runs) == 2  # found again by their key, not created a second time
+    [trial] = [r for r in runs if r.data.tags["cnnclf.key"] == "s/trial:a"]
+    assert trial.data.params == {k: str(v) for k, v in params.items()}
+    assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
