@@ -99,8 +99,8 @@ def build_parser() -> Parser:
     t.add_argument("--data-dir", type=_path, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--save", type=_path, help="write the final checkpoint here (for predict, or to resume)")
-    t.add_argument("--resume", type=_path, help="continue from a checkpoint written by --save")
+    t.add_argument("--save", type=_path, help="write a checkpoint here after every epoch (for predict, or --resume)")
+    t.add_argument("--resume", type=_path, help="continue a checkpoint written by --save; a larger --epochs trains on")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object, last on stdout")
 
     pr = sub.add_parser("predict", help="classify images with a saved checkpoint")
@@ -114,6 +114,11 @@ def build_parser() -> Parser:
     pp.add_argument("--data-dir", type=_path, default=Path("data"))
     pp.add_argument("--image-size", type=_positive_int)
     pp.add_argument("--no-download", action="store_true")
+    pp.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the decode caches that the current files no longer match (with --image-size: other sizes too)",
+    )
     return p
 
 
@@ -179,18 +184,25 @@ def _check_output_file(path: Path, flag: str) -> None:
 
 
 def _load_resume(path: Path, cfg: TrainConfig) -> dict:
-    from cnnclf.train import load_checkpoint
+    """The checkpoint to continue, if it was trained with cfg (its epochs aside: a larger --epochs trains on)."""
+    from cnnclf.train import CheckpointError, load_checkpoint
 
     if not path.is_file():
         raise UsageError(f"argument --resume: no checkpoint at {path}")
     try:
         state = load_checkpoint(path)
-        saved = TrainConfig.from_dict(state["config"])
-        int(state["epoch"])
-    except Exception as e:
-        raise UsageError(f"argument --resume: {path} is not a cnnclf checkpoint ({type(e).__name__})") from None
-    if saved != cfg:
-        raise UsageError(f"argument --resume: {path} was trained with a different config")
+    except CheckpointError as e:
+        raise UsageError(f"argument --resume: {e}") from None
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.replace(epochs=cfg.epochs) != cfg:
+        fields = [f.name for f in dataclasses.fields(cfg) if f.compare]
+        changed = [n for n in fields if getattr(saved, n) != getattr(cfg, n)]
+        raise UsageError(
+            f"argument --resume: {path} was trained with a different config ({', '.join(changed)}); "
+            "only --epochs may change"
+        )
+    if int(state["epoch"]) > cfg.epochs:
+        raise UsageError(f"argument --resume: {path} is at epoch {state['epoch']}, beyond --epochs {cfg.epochs}")
     return state
 
 
@@ -224,19 +236,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{cfg.task}: {m['splits']['train']['n']} train / {m['splits']['val']['n']} val / "
         f"{m['splits']['test']['n']} test images ({m['layout']}; {_skipped_summary(m)}; "
-        f"manifest {m['manifest_path']}); device {device}",
+        f"manifest {m['manifest_path'] or 'not written: no cache'}); device {device}",
         file=sys.stderr,
     )
+    done = resume is not None and int(resume["epoch"]) >= cfg.epochs
+    if done:
+        print(f"{args.resume}: already trained {cfg.epochs} epochs; nothing left to train", file=sys.stderr)
     bar = tqdm(total=cfg.epochs, initial=resume["epoch"] if resume else 0, desc="epochs", unit="ep", file=sys.stderr)
 
     def report(epoch: int, metrics: dict, save) -> None:
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("train/loss", "val/acc") if k in metrics})
-        if args.save is not None and save is not None and epoch == cfg.epochs:
-            save(args.save)
+        if args.save is not None and save is not None:
+            save(args.save)  # every epoch (atomically): a killed run resumes from its last epoch
 
     result = train(cfg, data, report, device=device, resume=resume)
     bar.close()
+    if done and args.save is not None and args.save.resolve() != args.resume.resolve():
+        from cnnclf.train import save_checkpoint
+
+        save_checkpoint(resume, args.save)
     data_summary = {
         "layout": m["layout"],
         "files_read": m["files_read"],
@@ -277,12 +296,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from cnnclf.data import Normalizer, decode_image, strict_decoding
-    from cnnclf.train import load_model
+    from cnnclf.train import CheckpointError, load_model
 
     device = _device(args.device)
     try:
         model, cfg, meta = load_model(args.checkpoint, device)
-    except Exception as e:
+    except CheckpointError as e:
+        raise UsageError(f"argument --checkpoint: {e}") from None
+    except Exception as e:  # keys and shapes that do not make the model the config names
         raise UsageError(
             f"argument --checkpoint: {args.checkpoint} is not a cnnclf checkpoint ({type(e).__name__})"
         ) from None
@@ -314,6 +335,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             get_preset(DEFAULT_PRESET[args.task]).replace(image_size=args.image_size)  # the range training accepts
         except ConfigError as e:
             raise UsageError(f"argument --image-size: {e}") from None
+    if args.prune:
+        from cnnclf.data import DataError, prune_caches
+
+        try:
+            removed = prune_caches(args.task, args.data_dir, image_size=args.image_size)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        for path in removed:
+            print(path)
+        print(f"removed {len(removed)} stale cache files", file=sys.stderr)
+        return 0
     data = _load_task(args.task, args.data_dir, image_size=args.image_size, download_missing=not args.no_download)
     m = data.manifest
     print(json.dumps({k: v for k, v in m.items() if k != "skipped"} | {"skipped": m["skipped"][:20]}, indent=1))

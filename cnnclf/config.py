@@ -7,6 +7,7 @@ hyperparameter name fails loudly instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 TASKS = ("cifar10", "catdog")
@@ -16,6 +17,19 @@ NORMALIZATIONS = ("half", "dataset", "imagenet")
 AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 KERNEL_SIZES = (3, 5, 7)
 MAX_DEPTH = 10
+
+
+# Sweep names become folder names (storage path, --out) and MLflow tags: letters, digits and `._-`,
+# not starting with `.` (no `..`, no hidden folders), short enough for every file system.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def name_error(name: str) -> str | None:
+    """Why `name` cannot be a sweep name (None when it can); the message is one line for the user."""
+    if NAME_PATTERN.fullmatch(name):
+        return None
+    shown = name if len(name) <= 40 else name[:37] + "..."
+    return f"{shown!r} is not a valid name: letters, digits, '.', '_' and '-', not starting with '.', at most 100"
 
 
 class ConfigError(ValueError):

@@ -6,11 +6,17 @@ its device once; shuffling, augmentation and normalization then run there, a who
 batch at a time, with no per-image Python work inside an epoch.
 
 Layouts read:
-- CIFAR-10: torchvision's `cifar-10-batches-py` (downloaded when missing), or an
-  image-folder tree `{train,test}/<class>/*` in any format PIL reads.
+- CIFAR-10: torchvision's `cifar-10-batches-py` (downloaded when missing; every file's
+  md5 is checked against the official one before it is unpickled), or an image-folder
+  tree `{train,test}/<class>/*` in any format PIL reads.
 - Cat/Dog: Kaggle's flat `train/{cat,dog}.N.jpg`; class folders (`Cat/Dog`,
-  `cats/dogs`, any case) alone or under `train/` with `test/` or `validation/`
-  beside; Microsoft's `PetImages/{Cat,Dog}` (downloaded when missing).
+  `cats/dogs`, any case) alone or under `train/` with `test/` or `validation/` beside;
+  Microsoft's `PetImages/{Cat,Dog}` (downloaded when missing).
+
+A folder that holds images in none of these layouts (a class folder misspelled or missing)
+is refused, never replaced by a download: downloads go only into an empty or new folder.
+Folders beside a layout's own (`unicorn/` beside `cat/` and `dog/`) are not read; their files
+are counted in the manifest as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -47,7 +56,13 @@ PETIMAGES_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
 )
 CACHE_DIR = ".cnnclf-cache"
-_CACHE_VERSION = 2  # bump when decoding or skipping changes, so stale caches are not reused
+_CACHE_VERSION = 3  # bump when decoding or skipping changes, so stale caches are not reused
+
+# Pixels one image may decode to (width x height, after JPEG's draft scaling), checked from the
+# header before any pixel is decoded. 40 Mpx is far above the photos of these data sets and costs
+# at most about 300 MB per image being decoded (4 bytes a pixel, plus its RGB copy); a 500 KB PNG
+# can declare 13,000 x 13,000 pixels and take 2 GB. Larger images are skipped as `image too large`.
+MAX_IMAGE_PIXELS = 40_000_000
 
 # What each image extension may hold (PIL's format names). A file whose content is another
 # format is skipped: a .jpg that holds a PNG, GIF or WEBP was renamed or mislabelled upstream.
@@ -68,9 +83,35 @@ SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store"
 _TRANSIENT_REASONS = frozenset({"unreadable file"})
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # JPEG, PNG, GIF signatures
 
+# What each task's download puts into the data folder: the extracted folder, and the archive
+# (with its resumable `.part`) while the download is unfinished.
+_DOWNLOADS = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
+    "catdog": ("PetImages", "kagglecatsanddogs_5340.zip"),
+}
+
+# Temporary files (`<name>.tmp<pid>`) of a killed write are removed by a later run once nothing
+# can still be writing them: their process is gone and they were not touched for a minute (a
+# writer on another host that shares the folder over NFS has a pid this host cannot see, but
+# keeps touching its file), or whatever the pid, they were not touched for this long.
+STALE_TEMP_S = 6 * 3600
+_TEMP_QUIET_S = 60
+_TEMP_RE = re.compile(r"\.tmp(\d+)$")
+
 
 class DataError(Exception):
     """Data is missing, unreadable or could not be downloaded; the message is one line for the user."""
+
+
+class FormatMismatch(ValueError):
+    """The file's content is not the format its extension names."""
+
+    def __init__(self, content: str, suffix: str) -> None:
+        super().__init__(f"{content.lower()} content named {suffix}")
+
+
+class ImageTooLarge(ValueError):
+    """The image's header declares more than MAX_IMAGE_PIXELS pixels to decode."""
 
 
 @dataclass
@@ -208,10 +249,19 @@ def download_catdog(root: Path) -> Path:
 # Finding files in the supported layouts. A "source" is a list of (path, label, group), where
 # group is "train" or "test" (a labelled test set the data came with); label None marks a file
 # found where the data set lives but without a label (Kaggle's flat folder): skipped and counted.
+# Folders beside the layout's own are listed as (folder, reason): not read, their files counted.
 
 Source = list[tuple[Path, int | None, str]]
+Unknown = list[tuple[Path, str]]
 
 _SPLIT_DIRS = {"train": ("train", "training"), "test": ("test", "testing", "validation", "val", "valid")}
+
+
+@dataclass
+class _Found:
+    layout: str  # "torchvision", "image-folder", "class-folders", "petimages", "kaggle-flat"
+    where: Path | Source  # torchvision: the folder holding cifar-10-batches-py
+    unknown: Unknown = field(default_factory=list)
 
 
 def _subdirs(d: Path) -> dict[str, Path]:
@@ -225,39 +275,76 @@ def _files(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and CACHE_DIR not in p.parts)
 
 
-def _class_dirs(d: Path, classes: list[str]) -> dict[int, Path] | None:
+def _class_hits(d: Path, classes: list[str]) -> dict[int, Path]:
     """Class folders in d, matched case-insensitively, singular or plural ('Cat', 'cats')."""
     sub = _subdirs(d)
-    found = {}
-    for i, name in enumerate(classes):
-        match = sub.get(name) or sub.get(name + "s")
-        if match is None:
-            return None
-        found[i] = match
-    return found
+    return {i: match for i, name in enumerate(classes) if (match := sub.get(name) or sub.get(name + "s")) is not None}
+
+
+def _class_dirs(d: Path, classes: list[str]) -> dict[int, Path] | None:
+    """Every class's folder in d, or None if any is missing."""
+    found = _class_hits(d, classes)
+    return found if len(found) == len(classes) else None
+
+
+def _unknown_beside(d: Path, used: dict[int, Path] | list[Path], reason: str) -> Unknown:
+    known = set(used.values() if isinstance(used, dict) else used)
+    return [(p, reason) for _, p in sorted(_subdirs(d).items()) if p not in known]
+
+
+def _other_task(d: Path, task: str) -> str | None:
+    """The other task whose whole, larger class set d's sub-folders are: `cat/` and `dog/` inside a
+    CIFAR-10 tree are not Cat/Dog data."""
+    for other, classes in CLASSES.items():
+        if other != task and len(classes) > len(CLASSES[task]) and _class_dirs(d, classes):
+            return other
+    return None
 
 
 def _from_class_dirs(dirs: dict[int, Path], group: str) -> Source:
     return [(p, label, group) for label, d in dirs.items() for p in _files(d)]
 
 
-def _split_layout(root: Path, classes: list[str]) -> Source | None:
-    """`root/{train,test|validation}/<class>/*`; the test folder is optional."""
+def _partial_classes(d: Path, classes: list[str], hits: dict[int, Path]) -> DataError:
+    found = ", ".join(sorted(p.name for p in _subdirs(d).values())[:12])
+    missing = ", ".join(c for i, c in enumerate(classes) if i not in hits)
+    return DataError(f"{d} holds the class folders {found} but none for {missing}; expected {', '.join(classes)}")
+
+
+def _split_layout(root: Path, task: str) -> tuple[Source, Unknown] | None:
+    """`root/{train,test|validation}/<class>/*`; the test folder is optional.
+
+    A train or test folder that holds some of the class folders but not all (one misspelled or
+    missing) is refused here: looking further down would take `test/` alone for the data set.
+    """
+    classes = CLASSES[task]
     sub = _subdirs(root)
-    train = next((sub[n] for n in _SPLIT_DIRS["train"] if n in sub), None)
-    train_dirs = _class_dirs(train, classes) if train else None
-    if not train_dirs:
+    train_name = next((n for n in _SPLIT_DIRS["train"] if n in sub), None)
+    if train_name is None or _other_task(sub[train_name], task):
         return None
-    src = _from_class_dirs(train_dirs, "train")
+    hits = _class_hits(sub[train_name], classes)
+    if len(hits) < len(classes):
+        if hits:
+            raise _partial_classes(sub[train_name], classes, hits)
+        return None
+    src = _from_class_dirs(hits, "train")
+    unknown = _unknown_beside(sub[train_name], hits, "unknown class folder")
+    used = [sub[train_name]]
     for n in _SPLIT_DIRS["test"]:
-        test_dirs = _class_dirs(sub[n], classes) if n in sub else None
-        if test_dirs:
-            src += _from_class_dirs(test_dirs, "test")
+        if n not in sub:
+            continue
+        test_hits = _class_hits(sub[n], classes)
+        if len(test_hits) == len(classes):
+            src += _from_class_dirs(test_hits, "test")
+            unknown += _unknown_beside(sub[n], test_hits, "unknown class folder")
+            used.append(sub[n])
             break
-    return src
+        if test_hits:
+            raise _partial_classes(sub[n], classes, test_hits)
+    return src, unknown + _unknown_beside(root, used, "unknown folder")
 
 
-def _kaggle_flat(d: Path) -> Source | None:
+def _kaggle_flat(d: Path) -> tuple[Source, Unknown] | None:
     """Kaggle's `train/cat.123.jpg`: the label is the file name's prefix."""
     src: Source = []
     try:
@@ -268,7 +355,7 @@ def _kaggle_flat(d: Path) -> Source | None:
         prefix = p.name.split(".", 1)[0].lower()
         src.append((p, CATDOG_CLASSES.index(prefix) if prefix in CATDOG_CLASSES else None, "train"))
     labels = {label for _, label, _ in src}
-    return src if {0, 1} <= labels else None
+    return (src, _unknown_beside(d, [], "unknown folder")) if {0, 1} <= labels else None
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -278,43 +365,178 @@ def _candidates(root: Path) -> list[Path]:
     return [root, *level1, *level2]
 
 
-def find_cifar10(root: Path) -> tuple[str, Path | Source] | None:
+def _find(task: str, root: Path) -> _Found | None:
+    """The first layout of `task` under root (itself, then two levels down).
+
+    A split layout with a class folder misspelled or missing is not looked into further (its
+    `test/` alone must not pass for the data set); if no other layout is found, its DataError is raised.
+    """
+    classes = CLASSES[task]
+    refused: list[tuple[Path, DataError]] = []
     for d in _candidates(root)[:64]:
-        if (d / "cifar-10-batches-py" / "data_batch_1").exists():
-            return "torchvision", d
-        if (src := _split_layout(d, CIFAR10_CLASSES)) is not None and any(g == "test" for _, _, g in src):
-            return "image-folder", src
+        if any(d.is_relative_to(r) for r, _ in refused):
+            continue
+        if task == "cifar10" and (d / "cifar-10-batches-py" / "data_batch_1").exists():
+            return _Found("torchvision", d)
+        try:
+            split = _split_layout(d, task)
+        except DataError as e:
+            refused.append((d, e))
+            continue
+        if task == "cifar10":
+            if split is not None and any(g == "test" for _, _, g in split[0]):
+                return _Found("image-folder", *split)
+            continue
+        if split is not None:
+            return _Found("class-folders", *split)
+        if (dirs := _class_dirs(d, classes)) is not None and not _other_task(d, task):
+            layout = "petimages" if d.name.lower() == "petimages" else "class-folders"
+            return _Found(layout, _from_class_dirs(dirs, "train"), _unknown_beside(d, dirs, "unknown class folder"))
+        for flat in (d / "train", d):
+            if (found := _kaggle_flat(flat)) is not None:
+                return _Found("kaggle-flat", *found)
+    if refused:
+        raise refused[0][1]
     return None
+
+
+def find_cifar10(root: Path) -> tuple[str, Path | Source] | None:
+    found = _find("cifar10", root)
+    return None if found is None else (found.layout, found.where)
 
 
 def find_catdog(root: Path) -> tuple[str, Source] | None:
+    found = _find("catdog", root)
+    return None if found is None else (found.layout, found.where)  # type: ignore[return-value]
+
+
+def _foreign_entries(root: Path, task: str) -> list[Path]:
+    """What root holds besides hidden and system files, this task's unfinished download, and the
+    other task's download (one `data` folder serves both tasks by default)."""
+    try:
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise DataError(f"{root} cannot be read ({e.strerror})") from None
+    own_archive = _DOWNLOADS[task][1]  # its extracted folder is not ignored: a damaged one must be seen
+    ignored = {own_archive, own_archive + ".part"}
+    for other, (folder, archive) in _DOWNLOADS.items():
+        if other != task:
+            ignored |= {folder, archive, archive + ".part"}
+    ignored = {n.lower() for n in ignored}
+    return [
+        p
+        for p in entries
+        if not p.name.startswith(".") and p.name.lower() not in SYSTEM_FILES and p.name.lower() not in ignored
+    ]
+
+
+def _count_images(paths: list[Path], limit: int = 20_000) -> tuple[int, Path | None, bool]:
+    """(image files, the first one, whether the count stopped at `limit` files looked at) below paths."""
+    n, first, seen = 0, None, 0
+    for top in paths:
+        walk = [(str(top.parent), [], [top.name])] if top.is_file() else os.walk(top)
+        for dirpath, dirnames, filenames in walk:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                seen += 1
+                if Path(name).suffix.lower() in IMAGE_FORMATS:
+                    n += 1
+                    first = first or Path(dirpath) / name
+                if seen >= limit:
+                    return n, first, True
+    return n, first, False
+
+
+def _mismatch(root: Path, task: str, images: tuple[int, Path | None, bool], how: str) -> DataError:
+    """The error for a folder that holds images in no layout of `task`: what is there, what was expected."""
+    classes = CLASSES[task]
+    best: tuple[Path, dict[int, Path]] | None = None
     for d in _candidates(root)[:64]:
-        if (src := _split_layout(d, CATDOG_CLASSES)) is not None:
-            return "class-folders", src
-        if (dirs := _class_dirs(d, CATDOG_CLASSES)) is not None:
-            return ("petimages" if d.name.lower() == "petimages" else "class-folders"), _from_class_dirs(dirs, "train")
-        for flat in (d / "train", d):
-            if (src := _kaggle_flat(flat)) is not None:
-                return "kaggle-flat", src
-    return None
+        hits = _class_hits(d, classes)
+        if hits and (best is None or len(hits) > len(best[1])):
+            best = (d, hits)
+    n, first, more = images
+    if best is not None:
+        d, hits = best
+        names = sorted(p.name for p in _subdirs(d).values())
+        where = str(d) if d == root else f"{d.relative_to(root)}/"
+        found = f"{where} holds the folders {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+        missing = [c for i, c in enumerate(classes) if i not in hits]
+        if other := _other_task(d, task):
+            found += f": {other}'s classes, not {task}'s"
+        elif missing:
+            found += f" (none for {', '.join(missing)})"
+        else:
+            found += " but no test folder beside it has them all"
+    else:
+        found = f"{n}{'+' if more else ''} image files such as {first.relative_to(root) if first else '?'}"
+    return DataError(
+        f"{root} holds images but no {task} layout: {found}; expected {how} ({', '.join(classes)}). "
+        f"Rename the folders, or point --data-dir at an empty folder to download {task}"
+    )
+
+
+def _locate(task: str, root: Path, download_missing: bool, hint: str = ", or run without --no-download") -> _Found:
+    """Find the task's data under root, downloading it only into an empty or missing folder."""
+    found = _find(task, root)
+    if found is not None:
+        return found
+    how = (
+        "torchvision's cifar-10-batches-py or a {train,test}/<class>/ image tree"
+        if task == "cifar10"
+        else "Kaggle's dogs-vs-cats train/{cat,dog}.N.jpg, Cat/Dog class folders or PetImages"
+    )
+    foreign = _foreign_entries(root, task)
+    images = _count_images(foreign)
+    if images[0]:
+        raise _mismatch(root, task, images, how)
+    if not download_missing:
+        raise DataError(f"no {task} data under {root}; put {how} there{hint}")
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DataError(
+            f"no {task} data under {root}, and it is not empty ({foreign[0].name}{more}): a download goes only "
+            f"into an empty or new folder; point --data-dir at one, or put {how} there"
+        )
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    try:
+        (download_cifar10 if task == "cifar10" else download_catdog)(root)
+    except DataError:
+        for d in created:  # a failed download leaves no empty folders behind (a kept .part stays)
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    found = _find(task, root)
+    if found is None:
+        raise DataError(f"downloaded {task} data into {root} but could not find it there")
+    return found
+
+
+def _base(found: _Found, root: Path) -> Path:
+    """The folder the file names in caches and manifests are relative to."""
+    if found.layout == "torchvision":
+        return found.where  # type: ignore[return-value]
+    if not found.where:
+        raise DataError(f"the {found.layout} layout under {root} holds no files")
+    base = Path(os.path.commonpath([str(p) for p, _, _ in found.where]))
+    return base if base.is_dir() else base.parent
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding, once, with a cache beside the data.
 
 
-class FormatMismatch(ValueError):
-    """The file's content is not the format its extension names."""
-
-    def __init__(self, content: str, suffix: str) -> None:
-        super().__init__(f"{content.lower()} content named {suffix}")
-
-
 def decode_image(path: Path | str, size: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """An image file as uint8 (size, size, 3) RGB; raises on anything PIL cannot fully decode.
 
-    `formats`: the PIL formats the content must be (FormatMismatch otherwise). Truncated files
-    raise unless the caller set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`; `strict_decoding()` unsets it.
+    `formats`: the PIL formats the content must be (FormatMismatch otherwise). An image that would
+    decode to more than MAX_IMAGE_PIXELS pixels raises ImageTooLarge before any pixel is decoded.
+    Truncated files raise unless the caller set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`;
+    `strict_decoding()` unsets it.
     """
     from PIL import Image
 
@@ -322,6 +544,9 @@ def decode_image(path: Path | str, size: int, formats: tuple[str, ...] | None = 
         if formats is not None and im.format not in formats:
             raise FormatMismatch(im.format or "unknown", Path(path).suffix.lower())
         im.draft("RGB", (size, size))  # JPEG: let libjpeg decode big photos at 1/2, 1/4 or 1/8 scale
+        w, h = im.size  # from the header, after draft: the pixels the decode below would allocate
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(f"{w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
         im = im.convert("RGB")  # grey, palette, CMYK, alpha -> RGB; forces the full decode
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -364,7 +589,7 @@ def _error_reason(path: Path, e: Exception) -> str:
     """A decode failure as a short reason, the same for every file that fails the same way."""
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(e, Image.DecompressionBombError):
+    if isinstance(e, (Image.DecompressionBombError, ImageTooLarge)):
         return "image too large"
     if isinstance(e, UnidentifiedImageError):
         try:
@@ -396,29 +621,124 @@ def _decode_or_reason(path: Path, size: int, label: int | None = 0) -> np.ndarra
         return _error_reason(path, e), f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def _cache_key(source: Source, base: Path, size: int) -> str:
-    h = hashlib.sha256(f"v{_CACHE_VERSION} {size}\n".encode())
+def _source_stamp(source: Source, base: Path) -> bytes:
+    """Every file's name, label, group, size and mtime: what a decode cache is keyed by."""
+    lines = []
     for path, label, group in source:
         try:
             st = path.stat()
             stamp = f"{st.st_size}\t{st.st_mtime_ns}"
         except OSError:  # gone since it was listed: the decode reports it and writes no cache
             stamp = "missing"
-        h.update(f"{path.relative_to(base)}\t{label}\t{group}\t{stamp}\n".encode())
-    return h.hexdigest()[:16]
+        lines.append(f"{path.relative_to(base)}\t{label}\t{group}\t{stamp}\n")
+    return "".join(lines).encode()
 
 
-def _cache_dir(base: Path) -> Path:
-    d = base / CACHE_DIR
-    try:
-        d.mkdir(exist_ok=True)
-        if os.access(d, os.W_OK):
+def _key(stamp: bytes, size: int) -> str:
+    return hashlib.sha256(f"v{_CACHE_VERSION} {size}\n".encode() + stamp).hexdigest()[:16]
+
+
+def _cache_key(source: Source, base: Path, size: int) -> str:
+    return _key(_source_stamp(source, base), size)
+
+
+def _source_keys(found: _Found, base: Path) -> Callable[[int], str]:
+    """size -> the key of the current file list at that size (the torchvision files never change:
+    they are md5-checked)."""
+    if found.layout == "torchvision":
+        return lambda size: _digest([f"torchvision v{_CACHE_VERSION} {size}"])
+    stamp = _source_stamp(found.where, base)  # type: ignore[arg-type]
+    return lambda size: _key(stamp, size)
+
+
+def _fallback_cache_dir(base: Path) -> Path | None:
+    """Where a data folder that cannot hold `.cnnclf-cache` keeps its cache: one folder per data folder
+    under $XDG_CACHE_HOME/cnnclf (or ~/.cache/cnnclf), so pruning one never touches another's."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: empty or relative means unset
+        top = Path(xdg)
+    else:
+        try:
+            top = Path.home() / ".cache"
+        except RuntimeError:  # no HOME and no password entry
+            return None
+        if not top.is_absolute():
+            return None
+    resolved = base.resolve()
+    return top / "cnnclf" / f"{resolved.name or 'root'}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
+
+
+def _cache_dirs(base: Path) -> list[Path]:
+    """The cache folders of this data folder that exist: the first holds what this run reads first."""
+    dirs = [base / CACHE_DIR, _fallback_cache_dir(base)]
+    return [d for d in dirs if d is not None and d.is_dir()]
+
+
+def _cache_dir(base: Path) -> Path | None:
+    """The folder this run writes caches and manifests to, or None if no place is writable (a
+    read-only data folder and a read-only home): then the run decodes without a cache."""
+    for d in (base / CACHE_DIR, _fallback_cache_dir(base)):
+        if d is None:
+            continue
+        try:
+            d.mkdir(parents=d.name != CACHE_DIR, exist_ok=True)
+        except OSError:
+            continue
+        if d.is_dir() and os.access(d, os.W_OK):
+            _remove_stale_temp_files(d)
             return d
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negatives name process groups, not a writer
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _remove_stale_temp_files(d: Path) -> list[Path]:
+    """Remove `*.tmp<pid>` files in d that a killed write left; returns what was removed."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(d.iterdir())
     except OSError:
-        pass
-    d = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnnclf"  # read-only data folder
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+        return removed
+    for p in entries:
+        m = _TEMP_RE.search(p.name)
+        if m is None:
+            continue
+        try:
+            if not p.is_file():
+                continue
+            idle = now - p.stat().st_mtime  # seconds since the last write
+            if idle > STALE_TEMP_S or (idle > _TEMP_QUIET_S and not _pid_alive(int(m.group(1)))):
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> str | None:
+    """write(tmp) then rename to path, so no reader sees half a file; the error as text, or None."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return f"{path.parent}: {getattr(e, 'strerror', None) or str(e).splitlines()[0][:200]}"
+    return None
 
 
 def _valid_cache(raw: object, size: int) -> bool:
@@ -435,20 +755,26 @@ def _valid_cache(raw: object, size: int) -> bool:
     )
 
 
-def decode_source(source: Source, base: Path, size: int, task: str, progress: bool = True) -> dict:
+def decode_source(
+    source: Source, base: Path, size: int, task: str, progress: bool = True, key: str | None = None
+) -> dict:
     """Decode every file once (cached); returns x, y, test (bool per image), files, and skipped
     as (file, reason, detail) triples. The cache holds the skipped files too, so a cached load
-    reports the same skips as the decode that wrote it."""
-    key = _cache_key(source, base, size)
-    cache = _cache_dir(base) / f"{task}-{size}px-{key}.pt"
-    if cache.exists():
+    reports the same skips as the decode that wrote it. Also returns `cache_error`: why no cache
+    was written (no writable cache folder, a failed write), or None. `key`: the file list's cache key
+    at this size, if the caller has it already (it stats every file)."""
+    name = f"{task}-{size}px-{key or _cache_key(source, base, size)}.pt"
+    for d in _cache_dirs(base):
+        if not (d / name).exists():
+            continue
         try:
-            raw = torch.load(cache, weights_only=True)
+            raw = torch.load(d / name, weights_only=True)
         except Exception:
             raw = None
         if _valid_cache(raw, size):
-            return raw
-        cache.unlink(missing_ok=True)
+            return raw | {"cache_error": None}
+        with contextlib.suppress(OSError):
+            (d / name).unlink()
     from tqdm.auto import tqdm
 
     x = np.empty((len(source), size, size, 3), dtype=np.uint8)
@@ -473,32 +799,34 @@ def decode_source(source: Source, base: Path, size: int, task: str, progress: bo
         "files": [str(source[i][0].relative_to(base)) for i in keep],
         "skipped": skipped,
     }
+    error = None
     if not any(reason in _TRANSIENT_REASONS for _, reason, _ in skipped):
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)  # atomic: concurrent runs never read a half-written cache
-    return out
+        d = _cache_dir(base)
+        error = "no writable cache folder" if d is None else _write_atomic(d / name, lambda t: torch.save(out, t))
+    return out | {"cache_error": error}
 
 
 def _load_torchvision_cifar10(d: Path) -> dict:
+    """torchvision's pickled batches, each md5-checked against the official one before anything unpickles it."""
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
 
-    class _CIFAR10(CIFAR10):
-        # torchvision checks each batch file's md5 against the official ones; the archive's md5
-        # is checked at download instead, and a damaged pickle fails to load below.
-        def _check_integrity(self) -> bool:
-            return True
-
-        def _load_meta(self) -> None:
-            self.classes = list(CIFAR10_CLASSES)
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
+    folder = d / CIFAR10.base_folder
+    # torchvision checks the batches again itself (CIFAR10._check_integrity, and the meta file's md5
+    # in _load_meta) before it unpickles them; this pass names the file that fails.
+    for name, md5 in [*CIFAR10.train_list, *CIFAR10.test_list, (CIFAR10.meta["filename"], CIFAR10.meta["md5"])]:
+        if not check_integrity(folder / name, md5):
+            what = "does not match CIFAR-10's official md5" if (folder / name).is_file() else "is missing"
+            raise DataError(
+                f"{folder / name} {what}; nothing in the folder was loaded (it is a pickle, which can run code). "
+                f"Delete {folder} to download CIFAR-10 again"
+            )
     try:
-        parts = [_CIFAR10(str(d), train=train, download=False) for train in (True, False)]
+        parts = [CIFAR10(str(d), train=train, download=False) for train in (True, False)]
     except Exception as e:
-        raise DataError(
-            f"{d / CIFAR10.base_folder} is damaged ({type(e).__name__}: {e}); delete it to re-download"
-        ) from None
+        raise DataError(f"{folder} is damaged ({type(e).__name__}: {e}); delete it to re-download") from None
+    if list(parts[0].classes) != CIFAR10_CLASSES:
+        raise DataError(f"{folder / CIFAR10.meta['filename']} names other classes than CIFAR-10's")
     x = np.concatenate([p.data for p in parts])  # (N, 32, 32, 3) uint8
     return {
         "x": torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
@@ -507,6 +835,7 @@ def _load_torchvision_cifar10(d: Path) -> dict:
         "files": [f"train[{i}]" for i in range(len(parts[0].targets))]
         + [f"test[{i}]" for i in range(len(parts[1].targets))],
         "skipped": [],  # pickled arrays: nothing to skip file by file
+        "cache_error": None,
     }
 
 
@@ -539,6 +868,17 @@ def _digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
+def _unknown_files(unknown: Unknown, base: Path) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """The files in the folders beside the layout's own, as skipped (file, reason, detail) triples,
+    and one summary per folder (empty folders included)."""
+    skipped, folders = [], []
+    for folder, reason in unknown:
+        files = _files(folder)
+        skipped += [(os.path.relpath(p, base), reason, "") for p in files]
+        folders.append({"folder": os.path.relpath(folder, base), "reason": reason, "files": len(files)})
+    return skipped, folders
+
+
 def load_task(
     task: str,
     data_dir: str | Path = "data",
@@ -559,6 +899,10 @@ def load_task(
     `test_fraction` of all images, carved out before the validation split.
     `subset` keeps that many training images; val and test stay whole unless
     `eval_subset` caps them too (smoke tests).
+
+    A folder holding images in no layout of the task raises DataError; a download goes only into
+    an empty or missing folder. Without a writable cache folder the run goes on uncached, says so in
+    one line on stderr, and the manifest's `cache_dir` and `manifest_path` are None.
     """
     if task not in CLASSES:
         raise DataError(f"unknown task {task!r}; expected one of {', '.join(CLASSES)}")
@@ -567,41 +911,21 @@ def load_task(
     existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
         raise DataError(f"{existing} is a file, not a data folder")
-    find = find_cifar10 if task == "cifar10" else find_catdog
-    found = find(root)
-    if found is None:
-        how = (
-            "torchvision's cifar-10-python.tar.gz or a {train,test}/<class>/ image tree"
-            if task == "cifar10"
-            else "Kaggle's dogs-vs-cats train/{cat,dog}.N.jpg, Cat/Dog class folders or PetImages"
-        )
-        if not download_missing:
-            raise DataError(f"no {task} data under {root}; put {how} there, or run without --no-download")
-        created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
-        try:
-            (download_cifar10 if task == "cifar10" else download_catdog)(root)
-        except DataError:
-            for d in created:  # a failed download leaves no empty folders behind (a kept .part stays)
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
-            raise
-        found = find(root)
-        if found is None:
-            raise DataError(f"downloaded {task} data into {root} but could not find it there")
-    layout, where = found
+    found = _locate(task, root, download_missing)
+    layout = found.layout
+    base = _base(found, root)
+    source_key = _source_keys(found, base)(size)
+    cache_dir = _cache_dir(base)  # also removes what killed writes left, before this run adds to the disk
     if layout == "torchvision":
-        base = where
-        raw = _load_torchvision_cifar10(where)
+        raw = _load_torchvision_cifar10(base)
         if size != 32:
             raw["x"] = F.interpolate(raw["x"].float(), size=size, mode="bilinear").round().clamp(0, 255).byte()
     else:
-        base = Path(os.path.commonpath([str(p) for p, _, _ in where]))
-        base = base if base.is_dir() else base.parent
-        raw = decode_source(where, base, size, task, progress=progress)
+        raw = decode_source(found.where, base, size, task, progress=progress, key=source_key)  # type: ignore[arg-type]
+    unknown_skipped, unknown_folders = _unknown_files(found.unknown, base)
+    skipped = list(raw["skipped"]) + unknown_skipped
     if len(raw["y"]) == 0:
-        raise DataError(f"no readable {task} images under {root} ({len(raw['skipped'])} files skipped)")
+        raise DataError(f"no readable {task} images under {root} ({len(skipped)} files skipped)")
 
     x, y, files = raw["x"], raw["y"], raw["files"]
     is_test = raw["test"]
@@ -632,10 +956,13 @@ def load_task(
         "base": str(base.resolve()),
         "layout": layout,
         "image_size": size,
+        "source_key": source_key,  # prune_caches keeps the manifests of the current file list
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "files_read": len(files),
-        "files_skipped": len(raw["skipped"]),
-        "skipped_by_reason": dict(sorted(Counter(r for _, r, _ in raw["skipped"]).items())),
-        "skipped": [{"file": f, "reason": r, "detail": d} for f, r, d in raw["skipped"]],
+        "files_skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(Counter(r for _, r, _ in skipped).items())),
+        "skipped": [{"file": f, "reason": r, "detail": d} for f, r, d in skipped],
+        "unknown_folders": unknown_folders,
         "seed": seed,
         "test_source": test_source,
         "splits": {
@@ -647,7 +974,17 @@ def load_task(
             for (k, v), idx in zip(split_files.items(), (train_idx, val_idx, test_idx), strict=True)
         },
     }
-    manifest["manifest_path"] = str(_write_manifest(base, manifest, split_files))
+    if cache_dir is None:
+        path, error = None, "no writable cache folder"
+    else:
+        path, error = _write_manifest(cache_dir, manifest, split_files)
+    manifest["manifest_path"] = str(path) if path is not None else None
+    if raw["cache_error"] or error:
+        tried = ", ".join(str(d) for d in (base / CACHE_DIR, _fallback_cache_dir(base)) if d is not None)
+        lost = ["the next run decodes the images again"] if raw["cache_error"] else []
+        lost += ["no manifest file is written"] if path is None else []
+        why = raw["cache_error"] or error
+        print(f"cnnclf: note: running without a cache ({why}; tried {tried}): {' and '.join(lost)}", file=sys.stderr)
     return TaskData(
         task=task,
         classes=list(CLASSES[task]),
@@ -661,16 +998,58 @@ def load_task(
     )
 
 
-def _write_manifest(base: Path, manifest: dict, split_files: dict[str, list[str]]) -> Path:
-    """The manifest with every split's file list, named by its content so reruns reuse it."""
+def _write_manifest(d: Path, manifest: dict, split_files: dict[str, list[str]]) -> tuple[Path | None, str | None]:
+    """The manifest with every split's file list, named by its content so reruns reuse it; (path, error)."""
     full = {**manifest, "split_files": split_files}
     key = _digest([json.dumps(full, sort_keys=True)])
-    path = _cache_dir(base) / f"manifest-{manifest['task']}-{manifest['image_size']}px-{key}.json"
-    if not path.exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(full, indent=1))
-        os.replace(tmp, path)
-    return path
+    path = d / f"manifest-{manifest['task']}-{manifest['image_size']}px-{key}.json"
+    if path.exists():
+        return path, None
+    error = _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(full, indent=1)))
+    return (None, error) if error else (path, None)
+
+
+def prune_caches(task: str, data_dir: str | Path = "data", image_size: int | None = None) -> list[Path]:
+    """Remove the decode caches and manifests of `task` that the data's current file list no longer keys to.
+
+    The data is found as `load_task` finds it (never downloaded: DataError if there is none). In its
+    cache folders (`<data>/.cnnclf-cache/` and its per-folder fallback under `$XDG_CACHE_HOME/cnnclf/`)
+    this removes every `<task>-<S>px-<key>.pt` whose key is not the current file list's at S, every
+    `manifest-<task>-<S>px-*.json` not written for the current file list, and stale temp files.
+    `image_size` given: the caches and manifests at other resolutions go too. Files of other tasks,
+    and the live temp files of a run writing now, are kept. Returns the removed paths.
+    """
+    if task not in CLASSES:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(CLASSES)}")
+    root = Path(data_dir).expanduser()
+    found = _locate(task, root, download_missing=False, hint="")
+    base = _base(found, root)
+    current = _source_keys(found, base)
+    names = re.compile(rf"(manifest-)?{re.escape(task)}-(\d+)px-([0-9a-f]+)\.(pt|json)")
+    removed: list[Path] = []
+    for d in _cache_dirs(base):
+        removed += _remove_stale_temp_files(d)
+        for p in sorted(d.iterdir()):
+            m = names.fullmatch(p.name)
+            if m is None or bool(m[1]) != (m[4] == "json") or not p.is_file():
+                continue
+            size = int(m[2])
+            if image_size is not None and size != image_size:
+                keep = False
+            elif m[1]:
+                try:
+                    keep = json.loads(p.read_text()).get("source_key") == current(size)
+                except (OSError, ValueError, AttributeError):
+                    keep = False
+            else:
+                keep = m[3] == current(size)
+            if not keep:
+                try:
+                    p.unlink()
+                except OSError as e:
+                    raise DataError(f"cannot remove {p} ({e.strerror})") from None
+                removed.append(p)
+    return sorted(removed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,26 +174,33 @@ def train(
     augment = make_augment(cfg.augment)
 
     start_epoch, elapsed_before = 0, 0.0
+    metrics: dict = {}
     if resume is not None:
         state = resume if isinstance(resume, dict) else load_checkpoint(resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
         start_epoch, elapsed_before = state["epoch"], state.get("seconds", 0.0)
+        metrics = dict(state.get("metrics") or {})  # the last epoch's: the result when nothing is left to train
 
-    def checkpoint_state(epoch: int) -> dict:
+    def checkpoint_state(epoch: int, epoch_metrics: dict) -> dict:
+        # Tensors and plain types only, so that torch.load(weights_only=True) reads it back.
+        version, internal, gauss = random.getstate()
         return {
+            "format": CHECKPOINT_FORMAT,
             "config": cfg.to_dict(),
-            "classes": data.classes,
-            "normalization": {"mean": list(mean), "std": list(std)},
+            "classes": list(data.classes),
+            "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
             "epoch": epoch,
             "seconds": elapsed_before + time.perf_counter() - started,
+            "metrics": {k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, list))},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]},
         }
 
     # A non-finite loss stays non-finite in the running sum, so checking the sum every few
@@ -201,7 +208,6 @@ def train(
     # call (CPU) on every step.
     check_every = 16
     constant_lr = cfg.schedule == "constant" and int(cfg.warmup_epochs * steps_per_epoch) == 0
-    metrics: dict = {}
     status = "completed"
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
@@ -273,8 +279,15 @@ def train(
                 metrics[f"test/acc/{name}"] = acc
             metrics["test/confusion"] = test["confusion"]  # (C, C) rows true, cols predicted
         if report is not None:
-            report(epoch, dict(metrics), _saver(checkpoint_state, epoch))
+            report(epoch, dict(metrics), _saver(checkpoint_state, epoch, dict(metrics)))
 
+    if start_epoch >= cfg.epochs and "test/acc" not in metrics:
+        # A finished checkpoint without its last epoch's metrics (or cut before them): measure them now.
+        val = evaluate(model, data.val_x, data.val_y, normalize, num_classes)
+        test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
+        metrics = {**metrics, "epoch": start_epoch, "val/loss": val["loss"], "val/acc": val["acc"]}
+        metrics.update({"test/loss": test["loss"], "test/acc": test["acc"], "test/confusion": test["confusion"]})
+        metrics.update({f"test/acc/{n}": a for n, a in zip(data.classes, test["per_class"], strict=True)})
     result = dict(metrics)
     confusion = result.pop("test/confusion", None)
     result.update(
@@ -287,9 +300,9 @@ def train(
     return result
 
 
-def _saver(state_fn: Callable[[int], dict], epoch: int) -> SaveCheckpoint:
+def _saver(state_fn: Callable[[int, dict], dict], epoch: int, metrics: dict) -> SaveCheckpoint:
     def save(path: str | os.PathLike) -> None:
-        save_checkpoint(state_fn(epoch), path)
+        save_checkpoint(state_fn(epoch, metrics), path)
 
     return save
 
@@ -302,9 +315,31 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
 
 
+class CheckpointError(ValueError):
+    """A file that is not a cnnclf checkpoint, or that holds more than tensors and plain types; names the file."""
+
+
+CHECKPOINT_FORMAT = 1  # bump when the keys below change
+_CHECKPOINT_KEYS = ("config", "classes", "normalization", "epoch", "model")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    # weights_only=False: the RNG state holds Python objects. Only load checkpoints you wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state, read with `weights_only=True`: a pickle that would run code is refused
+    before any of it runs. Raises CheckpointError for anything that is not a cnnclf checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # weights_only's refusal is a long UnpicklingError text; its first line names the offending global.
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a cnnclf checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a cnnclf checkpoint (missing {', '.join(_CHECKPOINT_KEYS)})")
+    try:
+        TrainConfig.from_dict(state["config"])
+        int(state["epoch"])
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a cnnclf checkpoint (config: {type(e).__name__}: {e})") from None
+    return state
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, dict]:

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from cnnclf.config import name_error
+
 DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
 EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -68,6 +70,9 @@ def check_args(args: argparse.Namespace) -> None:
     """What can be checked without opening the store: --out, and that a SQLite URI names a database."""
     from reports.data import ReportError
 
+    for n in args.sweep or ():
+        if n != "all" and (why := name_error(n)):
+            raise ReportError(f"--sweep: {why}")
     out = args.out
     existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
@@ -155,7 +160,10 @@ def _main(args: argparse.Namespace) -> int:
                 continue
         else:
             names = resolve_sweeps(sweeps, args.sweep, exp)
-        out = args.out / (names[0] if len(names) == 1 else f"{exp}-compare")
+        folder = names[0] if len(names) == 1 else f"{exp}-compare"
+        if why := name_error(folder):  # a name from the store (an old sweep, another tool) never leaves --out
+            raise ReportError(f"--sweep: cannot write a report folder for it: {why}")
+        out = args.out / folder
         files = build_report(uri, exp, names, out)
         plots = sum(f.suffix == ".png" for f in files)
         print(f"{exp}: {files[0]} (+ report.html, trials.csv, {plots} plots) for {', '.join(names)}", flush=True)

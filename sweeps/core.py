@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnclf.config import ConfigError, TrainConfig
+from cnnclf.config import ConfigError, TrainConfig, name_error
 
 METRIC, MODE = "val/acc", "max"
 SEARCH_PARAMS = (
@@ -287,12 +287,15 @@ def prune_checkpoints(folder: Path, now: float | None = None) -> list[Path]:
 
 def _read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
     """(state, metrics) of a checkpoint folder, or None when it is incomplete or unreadable."""
-    from cnnclf.train import load_checkpoint
+    from cnnclf.train import CheckpointError, load_checkpoint
 
     try:
         metrics = json.loads((folder / METRICS_FILE).read_text())
-        state = load_checkpoint(folder / CHECKPOINT_FILE)
-    except Exception:  # a write cut short by a crash: not a checkpoint
+        state = load_checkpoint(folder / CHECKPOINT_FILE)  # weights_only: nothing in it runs
+    except CheckpointError as e:  # cut short by a crash, or not ours: the trial does without it
+        print(f"ignoring checkpoint: {e}", file=sys.stderr, flush=True)
+        return None
+    except (OSError, ValueError):  # no metrics file yet: a write cut short by a crash
         return None
     return (state, metrics) if state.get("epoch") == metrics.get("epoch") else None
 
@@ -333,7 +336,12 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--num-samples", type=int, default=40, help="search trials (the seed baseline runs on top)")
-    p.add_argument("--max-epochs", type=int, default=spec.default_max_epochs, help="epochs per trial; ASHA's max_t")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help=f"epochs per trial; ASHA's max_t (default {spec.default_max_epochs}; --fix epochs=N is the same setting)",
+    )
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
@@ -350,6 +358,7 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the cluster at --address")
     p.add_argument("--ray-num-gpus", type=float, default=None, help=argparse.SUPPRESS)  # declare GPUs (tests)
     p.add_argument(
         "--storage-path",
@@ -382,7 +391,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"argument {flag}: {why}")
 
     need(args.num_samples >= 1, "--num-samples", "expected >= 1")
-    need(args.max_epochs >= 1, "--max-epochs", "expected >= 1")
+    need(args.max_epochs is None or args.max_epochs >= 1, "--max-epochs", "expected >= 1")
     need(args.grace_period >= 1, "--grace-period", "expected >= 1")
     need(args.cpus_per_trial > 0, "--cpus-per-trial", "expected > 0")
     need(args.gpus_per_trial is None or args.gpus_per_trial >= 0, "--gpus-per-trial", "expected >= 0")
@@ -395,14 +404,11 @@ def check_args(args: argparse.Namespace) -> None:
     need(not args.sync or args.name is not None, "--sync", "needs --name of the sweep to write")
     need(not (args.sync and args.resume), "--sync", "cannot be combined with --resume")
     need(args.mlflow_wait >= 0, "--mlflow-wait", "expected >= 0")
+    need(args.connect_timeout > 0 and math.isfinite(args.connect_timeout), "--connect-timeout", "expected > 0")
     need(math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected a finite number")
     need(args.gpus_per_trial is None or math.isfinite(args.gpus_per_trial), "--gpus-per-trial", "expected a number")
     if args.name is not None:
-        need(
-            args.name != "" and all(c.isalnum() or c in "-_." for c in args.name),
-            "--name",
-            "letters, digits, '-', '_' and '.' only",
-        )
+        need(name_error(args.name) is None, "--name", name_error(args.name) or "")
     need(args.experiment.strip() != "", "--experiment", "expected a name")
     if args.address is not None:
         need(
@@ -479,15 +485,20 @@ def prepare_tracking(uri: str) -> None:
     if not uri.startswith("sqlite:///"):
         return
     import fcntl
-    import hashlib
 
     from mlflow.exceptions import MlflowException
     from mlflow.store.db.utils import _get_latest_schema_revision
     from mlflow.tracking import MlflowClient
 
     db = Path(uri.removeprefix("sqlite:///")).expanduser()
-    key = hashlib.md5(str(db.resolve()).encode(), usedforsecurity=False).hexdigest()
-    with open(Path(tempfile.gettempdir()) / f"cnnclf-mlflow-{key}.lock", "w") as lock:
+    # The lock lives beside the database (a folder check_tracking found writable), not at a fixed
+    # name in a shared /tmp; O_NOFOLLOW refuses a planted symlink and nothing is ever truncated.
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UsageError(f"argument --tracking-uri: cannot use the lock file {lock_path} ({e.strerror})") from None
+    with os.fdopen(fd, "r+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         tables = _mlflow_tables(db) if db.is_file() and db.stat().st_size > 0 else None
         revision, has_runs = _schema(db, tables) if tables else (None, False)
@@ -569,6 +580,15 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     ranges = spec.ranges
+    # A trial's epochs and ASHA's max_t are one setting: with epochs above max_t every trial would be
+    # stopped before its last epoch, with no test metrics, and its reproduce command would be wrong.
+    fixed_epochs = parse_fix(args.fix, spec.base).get("epochs")
+    if fixed_epochs is not None and args.max_epochs is not None and fixed_epochs != args.max_epochs:
+        raise UsageError(
+            f"argument --fix: epochs={fixed_epochs} disagrees with --max-epochs {args.max_epochs}; "
+            "they are one setting, give one of them"
+        )
+    args.max_epochs = fixed_epochs or args.max_epochs or spec.default_max_epochs
     base = spec.base.replace(epochs=args.max_epochs, seed=args.seed)
     subset, eval_subset = args.subset, None
     if args.smoke_test:
@@ -577,6 +597,8 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         base = base.replace(epochs=1, image_size=spec.smoke_image_size)
         subset, eval_subset = subset or 256, 128
     fixed = parse_fix(args.fix, base)
+    if args.smoke_test:
+        fixed.pop("epochs", None)  # the smoke test trains one epoch, whatever was fixed
     base = base.replace(**{k: v for k, v in fixed.items() if k not in SEARCH_PARAMS})
     baseline = spec.baseline.replace(
         epochs=min(spec.baseline.epochs, args.max_epochs), image_size=base.image_size, seed=args.seed
@@ -608,6 +630,8 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
     if not args.resume and exists:
         raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
 
+    if args.address is not None:
+        _check_reachable(args.address, args.connect_timeout)  # before the data is read: a typo costs seconds
     try:
         data = load_task(
             spec.task,
@@ -721,6 +745,61 @@ def _set_aside_tune_state(storage: str, name: str) -> None:
             f.rename(f.with_name(f"{f.name}.unreadable-{stamp}"))
 
 
+def _check_reachable(address: str, timeout: float) -> None:
+    """Wait up to `timeout` seconds for the cluster's port to accept a TCP connection; exit 2 if it never does.
+
+    Ray's own connect retries for many minutes, and in C++ where SIGTERM is not seen.
+    """
+    import socket
+
+    if address == "auto":
+        return  # the address of a cluster started on this machine, read from its session files
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as e:
+            if left <= 1.0:
+                why = e.strerror or type(e).__name__
+                raise UsageError(
+                    f"argument --address: nothing answers at {address} after {timeout:g} s ({why}); "
+                    "check the address, or raise --connect-timeout"
+                ) from None
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, task: str, address: str | None):
+    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
+
+    Nothing of the sweep has been written yet, so a hard exit loses nothing.
+    """
+    if seconds is None:
+        yield
+        return
+    import threading
+
+    def give_up() -> None:
+        print(
+            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
+            f"within {seconds:g} s; check the address, or raise --connect-timeout",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_USAGE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, faults=()) -> int:
     import optuna
     import ray
@@ -744,7 +823,8 @@ def run_sweep(spec, args, name, storage, base, baseline, ranges, fixed, data, fa
     if args.ray_num_gpus is not None:
         init_kw["num_gpus"] = args.ray_num_gpus
     try:
-        ray.init(**init_kw)
+        with _deadline(args.connect_timeout if args.address else None, spec.task, args.address):
+            ray.init(**init_kw)
     except Exception as e:
         if args.address is None:
             raise

@@ -152,7 +152,7 @@ CASES = [
     ("cnnclf", f"{TRAIN} --resume {{MISSING}}.pt", "--resume"),
     ("cnnclf", f"{TRAIN} --resume {{FILE}}", "--resume"),
     ("cnnclf", f"{TRAIN} --resume {{DIR}}", "--resume"),
-    ("cnnclf", f"{TRAIN} --resume {{CKPT}} --epochs 3", "--resume"),  # a checkpoint of another config
+    ("cnnclf", f"{TRAIN} --resume {{CKPT}} --width 16", "--resume"),  # another config: only --epochs may grow
     ("cnnclf", f"{TRAIN} --save {{DIR}}", "--save"),
     ("cnnclf", f"{TRAIN} --save {{FILE}}/model.pt", "--save"),
     ("cnnclf", f"{TRAIN} --save {{EMPTY}}", "--save"),
@@ -213,6 +213,12 @@ CASES = [
     ("cifar10", f"{CIFAR_SWEEP} --max-failures -1", "--max-failures"),
     ("cifar10", f"{CIFAR_SWEEP} --confirm -1", "--confirm"),
     ("cifar10", f"{CIFAR_SWEEP} --name a/b", "--name"),
+    ("cifar10", f"{CIFAR_SWEEP} --name ..", "--name"),  # Tune's state would go into the working directory
+    ("cifar10", f"{CIFAR_SWEEP} --name .hidden", "--name"),
+    ("cifar10", f"{CIFAR_SWEEP} --name {'n' * 300}", "--name"),  # longer than a file name may be
+    ("cifar10", f"{CIFAR_SWEEP} --fix epochs=5 --max-epochs 2", "--fix"),  # every trial cut before its test
+    ("reports", "--tracking-uri {DB} --sweep ..", "not a valid name"),  # would write outside --out
+    ("reports", "--tracking-uri {DB} --sweep .", "not a valid name"),
     ("cifar10", f"{CIFAR_SWEEP} --resume", "--resume"),
     ("cifar10", f"{CIFAR_SWEEP} --resume --name nope", "--resume"),
     ("cifar10", f"{CIFAR_SWEEP} --tracking-uri http://127.0.0.1:9", "--tracking-uri"),
@@ -241,6 +247,7 @@ SWEEP_CASES = [
     ("cifar10", f"{CIFAR_SWEEP} --experiment {{EMPTY}}", "--experiment"),
     ("cifar10", f"{CIFAR_SWEEP} --name {{EMPTY}}", "--name"),  # silently replaced by the default name
     ("cifar10", f"{CIFAR_SWEEP} --address ray://127.0.0.1:9", "--address"),
+    ("cifar10", f"{CIFAR_SWEEP} --address 127.0.0.1:1 --connect-timeout 2", "--address"),  # nothing listens
     ("cifar10", f"{CIFAR_SWEEP} --fix model=resnet", "--fix"),
     ("catdog", f"{CATDOG_SWEEP} --fix model=tutorial", "--fix"),  # the tutorial net takes 32x32 only
     ("cifar10", f"{CIFAR_SWEEP} --gpus-per-trial 0.5 --ray-num-gpus 0", "--gpus-per-trial"),  # no GPU here
@@ -264,6 +271,7 @@ SUBPROCESS_CASES = [
     ("cifar10", f"{CIFAR_SWEEP} --bogus", "--bogus"),
     ("cifar10", f"{CIFAR_SWEEP} --tracking-uri http://127.0.0.1:9", "--tracking-uri"),
     ("cifar10", f"{CIFAR_SWEEP} --fix lr=nan", "--fix"),
+    ("cifar10", f"{CIFAR_SWEEP} --address 127.0.0.1:1 --connect-timeout 3", "--address"),  # hung for 10+ min
     ("catdog", "--data-dir {FILE}", "{FILE}"),
 ]
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,83 @@ def test_cuda_requested_without_cuda(trained):
     root, _, _, _ = trained
     r = cli("train", "--task", "cifar10", "--data-dir", root, "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2 and "--device" in r.stderr
+
+
+# --- --save and --resume: a killed run loses at most one epoch ---------------------------------
+
+
+def _train(root: Path, *args) -> list[str]:
+    return ["train", "--task", "cifar10", "--data-dir", root, "--no-download", *SMALL, "--lr", "0.005", *args]
+
+
+def test_save_is_written_every_epoch_and_a_killed_run_resumes_to_the_same_result(trained, tmp_path):
+    import signal
+
+    from cnnclf.train import load_checkpoint
+
+    root, _, _, _ = trained
+    full = cli(*_train(root, "--epochs", "6", "--batch-size", "8", "--json"))
+    assert full.returncode == 0, full.stderr
+    ckpt = tmp_path / "cut.pt"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cnnclf", *map(str, _train(root, "--epochs", "6", "--batch-size", "8", "--save", ckpt))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # as a kill or a lost machine would: no handler runs
+    p.wait()
+    cut = load_checkpoint(ckpt)["epoch"]
+    assert 1 <= cut < 6  # the first epoch's checkpoint was there before the run ended
+    r = cli(*_train(root, "--epochs", "6", "--batch-size", "8", "--resume", ckpt, "--save", ckpt, "--json"))
+    assert r.returncode == 0, r.stderr
+    resumed, uninterrupted = json.loads(r.stdout.splitlines()[-1]), json.loads(full.stdout.splitlines()[-1])
+    assert resumed["epochs"] == 6 and load_checkpoint(ckpt)["epoch"] == 6
+    for k in ("val/acc", "test/acc", "test/acc/cat", "train/loss"):
+        assert resumed[k] == pytest.approx(uninterrupted[k], rel=1e-5, abs=1e-6), k
+
+
+def test_resume_with_more_epochs_trains_on(trained, tmp_path):
+    root, ckpt, first, _ = trained
+    more = tmp_path / "more.pt"
+    r = cli(*_train(root, "--epochs", "4", "--resume", ckpt, "--save", more, "--json"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["epochs"] == 4 and out["config"]["epochs"] == 4
+    assert out["seconds"] > json.loads(first.stdout.splitlines()[-1])["seconds"]  # the first 3 epochs' time counts
+    fewer = cli(*_train(root, "--epochs", "2", "--resume", ckpt))
+    assert fewer.returncode == 2 and "beyond --epochs 2" in fewer.stderr
+    other = cli(*_train(root, "--epochs", "3", "--resume", ckpt, "--width", "16"))
+    assert other.returncode == 2 and "width" in other.stderr.strip().splitlines()[-1]
+
+
+def test_resume_of_a_finished_checkpoint_says_so_and_still_writes_save_and_json(trained, tmp_path):
+    root, ckpt, first, _ = trained
+    copy = tmp_path / "copy.pt"
+    r = cli(*_train(root, "--epochs", "3", "--resume", ckpt, "--save", copy, "--json"))
+    assert r.returncode == 0, r.stderr
+    assert f"{ckpt}: already trained 3 epochs; nothing left to train" in r.stderr.splitlines()
+    out, before = json.loads(r.stdout.splitlines()[-1]), json.loads(first.stdout.splitlines()[-1])
+    assert out["epochs"] == 3 and out["test/acc"] == before["test/acc"] and out["val/acc"] == before["val/acc"]
+    assert out["throughput/train_img_s"] == before["throughput/train_img_s"]
+    assert copy.read_bytes() and copy.stat().st_size > 0
+
+
+def test_prepare_prune_removes_the_caches_of_files_that_changed(tmp_path):
+    from tests.conftest import write_cifar_folders
+
+    root = write_cifar_folders(tmp_path / "cifar", 3, 1)
+    assert cli("prepare", "--task", "cifar10", "--data-dir", root, "--no-download").returncode == 0
+    (root / "train" / "dog" / "0.png").unlink()  # the file list changes: the first cache matches nothing now
+    assert cli("prepare", "--task", "cifar10", "--data-dir", root, "--no-download").returncode == 0
+    caches = sorted((root / ".cnnclf-cache").glob("cifar10-32px-*.pt"))
+    assert len(caches) == 2
+    r = cli("prepare", "--task", "cifar10", "--data-dir", root, "--prune")
+    assert r.returncode == 0, r.stderr
+    gone = [Path(line) for line in r.stdout.splitlines()]
+    assert len([p for p in gone if p.suffix == ".pt"]) == 1 and "removed 2 stale cache files" in r.stderr
+    assert len(list((root / ".cnnclf-cache").glob("cifar10-32px-*.pt"))) == 1 and not any(p.exists() for p in gone)
+    missing = cli("prepare", "--task", "catdog", "--data-dir", tmp_path / "none", "--prune")
+    assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr

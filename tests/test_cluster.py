@@ -1,27 +1,38 @@
-"""The cluster launcher configs under Ray's own schema check, and a real two-node sweep on this machine.
+"""The cluster launcher configs under Ray's own schema check, what a cluster opens and to whom, and a
+real two-node sweep on this machine.
 
 What cannot run here (cloud provisioning, S3 and GCS, GPU workers, the MLflow server on the head) is
-listed in README.md's "Cluster" section, with the commands that check it on a real cluster.
+listed in README.md's "Cluster" section, with the commands that check it on a real cluster. The one-time
+cloud setup that keeps a cluster closed (security group, firewall, the workers' IAM) is commands in that
+section, so the tests below read them there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import importlib.util
+import ipaddress
 import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import jsonschema
 import pytest
@@ -35,6 +46,15 @@ from tests.conftest import write_cifar_folders
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("cluster*.yaml"))
 CLOUD = {"aws": "s3://", "gcp": "gs://"}  # provider type -> the object store its storage path is on
+TOKEN = "~/.ray/auth_token"  # Ray's default token path, on your machine and on every node
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 
 # GPUs and vCPUs of the instance types the configs may use, from the providers' documentation
 # (AWS: g5.xlarge 1x A10G, g5.48xlarge 8x A10G; GCP: g2-standard-8 1x L4, g2-standard-96 8x L4).
@@ -188,8 +208,9 @@ def test_every_node_installs_this_project_with_the_pinned_versions(config_path):
     launcher = re.search(r"pip install [^\n]*\"ray\[default\]==([\w.]+)\"", (ROOT / "README.md").read_text())
     assert launcher and launcher[1] == pinned["ray"], "README's launcher Ray differs from the cluster's"
 
-    # The project is synced to one folder on every node and installed from there, after torch.
-    mounts = config["file_mounts"]
+    # The project is synced to one folder on every node and installed from there, after torch. The token
+    # is the one mount from outside the checkout (test_token_authentication_is_on_for_every_node).
+    mounts = {remote: local for remote, local in config["file_mounts"].items() if remote != TOKEN}
     roots = {str(Path(remote).parent) for remote in mounts}
     assert len(roots) == 1, roots
     (root,) = roots
@@ -232,6 +253,298 @@ def test_every_node_gets_the_same_shared_storage_path(config_path):
             if name != config["head_node_type"]:
                 node_config = node["node_config"]
                 assert "IamInstanceProfile" in node_config or "serviceAccounts" in node_config, name
+
+
+# --- what a cluster opens, and to whom ------------------------------------------------------------
+
+AWS = ROOT / "cluster.yaml"
+GCP = ROOT / "cluster-gcp.yaml"
+CLOUD_CONFIGS = [p for p in CONFIGS if provider(load(p)) in CLOUD]
+
+
+# Ray's cloud provider modules import their cloud's SDK, which this project does not depend on. The
+# bootstrap steps under test make no cloud call (or take their client as an argument), so stand-ins do.
+CLOUD_SDKS = {
+    "aws": "boto3 boto3.exceptions boto3.resources boto3.resources.base botocore botocore.client botocore.config",
+    "gcp": "google_auth_httplib2 googleapiclient googleapiclient.discovery googleapiclient.errors httplib2 "
+    "google.oauth2 google.oauth2.service_account google.oauth2.credentials",
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+@contextlib.contextmanager
+def ray_cloud_config(kind: str) -> Iterator[ModuleType]:
+    """Ray's `aws` or `gcp` config module (the `ray up` bootstrap steps), imported with stand-ins for a
+    missing SDK. Afterwards the stand-ins and the modules bound to them leave sys.modules again; other
+    modules imported meanwhile stay, so that no later import makes a second copy of them."""
+    package = f"ray.autoscaler._private.{kind}"
+    # __version__: Ray checks boto3's against a minimum.
+    stubs = {name: mock.MagicMock(__version__="999") for name in CLOUD_SDKS[kind].split() if not _installed(name)}
+    before = set(sys.modules)
+    sys.modules.update(stubs)
+    try:
+        yield importlib.import_module(f"{package}.config")
+    finally:
+        if stubs:
+            for name in set(sys.modules) - before:
+                if name in stubs or name == package or name.startswith(f"{package}."):
+                    del sys.modules[name]
+
+
+def worker_configs(config: dict) -> list[dict]:
+    types = config["available_node_types"]
+    return [t["node_config"] for name, t in types.items() if name != config["head_node_type"]]
+
+
+def readme_cluster() -> str:
+    """README's "Cluster" section: the one-time setup commands that keep a cloud cluster closed live there."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Cluster\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """The shell commands of the indented code blocks, continuation lines joined, each as argv."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # fenced blocks hold data (the IAM policy), not commands
+    commands, pending = [], ""
+    for line in text.splitlines():
+        if not re.match(r" {4,}\S", line):
+            continue
+        pending += line.strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        commands.append(shlex.split(pending, comments=True))
+        pending = ""
+    return commands
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    """`--name value` pairs of one command line ("" for a flag without a value)."""
+    return {
+        arg: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        for i, arg in enumerate(argv)
+        if arg.startswith("--")
+    }
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def test_dashboard_and_job_api_listen_on_loopback_only(config_path):
+    # The job API runs whatever it is sent; `ray dashboard <file>` reaches it through an SSH tunnel.
+    config = load(config_path)
+    (head_start,) = [cmd for cmd in config["head_start_ray_commands"] if "ray start --head" in cmd]
+    assert re.findall(r"--dashboard-host[= ](\S+)", head_start) == ["127.0.0.1"]
+    assert "0.0.0.0" not in commands(config, *COMMAND_KEYS), "something listens on every interface"
+
+
+def test_token_authentication_is_on_for_every_node(config_path, tmp_path):
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    config = load(config_path)
+    # Ray's recipe for `ray up`: your token mounted on every node, RAY_AUTH_MODE=token in every shell there.
+    assert config["file_mounts"].get(TOKEN) == TOKEN, "the token is not mounted on the nodes"
+    everything = commands(config, *COMMAND_KEYS)
+    assert not re.search(r"RAY_AUTH_MODE=(?!token\b)|RAY_AUTH_TOKEN", everything), "a command overrides the token"
+    token_setup = [cmd for cmd in config["setup_commands"] if "RAY_AUTH_MODE" in cmd or "auth_token" in cmd]
+    assert token_setup, "no setup command (run on every node, before Ray starts) turns token mode on"
+
+    # Those commands, run twice (a second `ray up`) in a scratch home where the token was just mounted,
+    # then a command wrapped as Ray wraps `ray start` and the sweep driver: it must run in token mode.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    token = home / ".ray" / "auth_token"
+    token.write_text("not-a-real-token")
+    token.chmod(0o644)  # as rsync copies a token that `ray get-auth-token --generate` wrote under umask 022
+    (home / ".bashrc").write_text("")
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+
+    def run_as_ray(cmd: str) -> str:
+        r = subprocess.run(" ".join(_with_interactive(cmd)), shell=True, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{cmd}\n{r.stderr}"
+        return r.stdout
+
+    for cmd in token_setup * 2:
+        run_as_ray(cmd)
+    assert "mode=token" in run_as_ray("echo mode=$RAY_AUTH_MODE").splitlines()
+    assert (home / ".bashrc").read_text().count("RAY_AUTH_MODE") == 1, "each `ray up` adds another line"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600, "the token is readable by other users of the node"
+
+
+def test_aws_nodes_are_only_in_your_security_group(monkeypatch):
+    config = load(AWS)
+    # One group of yours on every node type: SSH from your CIDR and traffic between members (README).
+    groups = {tuple(t["node_config"].get("SecurityGroupIds", [])) for t in config["available_node_types"].values()}
+    assert len(groups) == 1 and len(next(iter(groups))) == 1, f"every node type needs the same one group: {groups}"
+    assert "security_group" not in config["provider"], "its rules would only apply to a group Ray makes"
+
+    # Ray's own bootstrap step, as `ray up` runs it, must leave the groups alone: a group Ray makes
+    # always admits SSH from 0.0.0.0/0 (ray/autoscaler/_private/aws/config.py, _create_default_ssh_inbound_rules).
+    def refuse(config, node_types):
+        raise AssertionError(f"Ray would make its own security group, SSH open to 0.0.0.0/0, for {node_types}")
+
+    with ray_cloud_config("aws") as aws_config:
+        monkeypatch.setattr(aws_config, "_upsert_security_groups", refuse)
+        aws_config._configure_security_group(prepare_config(copy.deepcopy(config)))
+
+
+def test_readme_security_group_admits_ssh_from_your_cidr_only():
+    text = readme_cluster()
+    # Who may connect is said in one place, and it is not the whole internet.
+    cidrs = re.findall(r"^\s*MY_CIDR=(\S+)", text, re.M)
+    assert len(cidrs) == 1, f"MY_CIDR set {len(cidrs)} times"
+    assert ipaddress.ip_network(cidrs[0]).prefixlen > 0
+
+    argvs = readme_commands(text)
+    assert any(argv[0].startswith("SG=$(") and "create-security-group" in argv for argv in argvs)
+    rules = []
+    for argv in argvs:
+        if argv[:3] == ["aws", "ec2", "authorize-security-group-ingress"]:
+            f = flags(argv)
+            # Only the simple form, so that no rule hides in --ip-permissions.
+            assert set(f) <= {"--region", "--group-id", "--protocol", "--port", "--cidr", "--source-group"}, argv
+            rules.append(
+                (f["--group-id"], f["--protocol"], f.get("--port"), f.get("--cidr") or f.get("--source-group"))
+            )
+    expected = [("$SG", "all", None, "$SG"), ("$SG", "tcp", "22", "$MY_CIDR")]
+    assert sorted(rules, key=str) == expected, "the group must admit SSH from MY_CIDR and its own members, nothing else"
+
+    # It is the group that cluster.yaml puts every node in.
+    (group,) = {g for t in load(AWS)["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
+    assert ["sed", "-i", f"s/{group}/$SG/g", "cluster.yaml"] in argvs
+
+
+@pytest.mark.parametrize("config_path", CLOUD_CONFIGS, ids=lambda p: p.name, indirect=True)
+def test_workers_hold_an_identity_for_the_bucket_only(config_path):
+    # Ray's default identities (the head's) can start instances and read every bucket; code in any
+    # trial could use them. Workers get one of their own, whose grants README "Cluster" makes.
+    config = load(config_path)
+    kind = provider(config)
+    with ray_cloud_config(kind) as ray_config:
+        default = ray_config.DEFAULT_RAY_INSTANCE_PROFILE if kind == "aws" else ray_config.DEFAULT_SERVICE_ACCOUNT_ID
+    workers = worker_configs(config)
+    if kind == "aws":
+        (profile,) = {json.dumps(w["IamInstanceProfile"], sort_keys=True) for w in workers}
+        assert default not in profile, profile
+        return
+    (accounts,) = {json.dumps(w["serviceAccounts"], sort_keys=True) for w in workers}
+    (account,) = json.loads(accounts)
+    assert not account["email"].startswith(f"{default}@"), account["email"]
+    # Storage only, on top of the account's IAM: cloud-platform would leave IAM as the only limit.
+    assert account["scopes"] == ["https://www.googleapis.com/auth/devstorage.read_write"]
+
+
+def test_readme_grants_the_workers_the_bucket_only():
+    text = readme_cluster()
+    argvs = readme_commands(text)
+    aws = load(AWS)
+    bucket, prefix = re.search(r"CNNCLF_STORAGE_PATH=s3://([^/]+)/([^']+)", commands(aws, "setup_commands")).groups()
+
+    # AWS: the policy names nothing but S3 actions on the bucket, and enough for Tune's checkpoints.
+    policies = [p for p in map(json.loads, re.findall(r"```json\n(.*?)```", text, re.S)) if "Statement" in p]
+    assert len(policies) == 1, f"expected the workers' IAM policy as one ```json block, found {len(policies)}"
+    (policy,) = policies
+    for statement in policy["Statement"]:
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource"} and statement["Effect"] == "Allow", statement
+        assert all(a.startswith("s3:") and "*" not in a for a in as_list(statement["Action"])), statement
+        for resource in as_list(statement["Resource"]):
+            assert resource == f"arn:aws:s3:::{bucket}" or resource.startswith(f"arn:aws:s3:::{bucket}/"), resource
+    checkpoint = f"arn:aws:s3:::{bucket}/{prefix}/sweep/trial_0/checkpoint_000001/model.pt"
+    for action in ("s3:PutObject", "s3:GetObject"):
+        assert any(
+            action in as_list(s["Action"]) and any(fnmatch(checkpoint, r) for r in as_list(s["Resource"]))
+            for s in policy["Statement"]
+        ), f"trials could not {action} their checkpoints"
+
+    # The profile that cluster.yaml names holds that policy's role, and the head may pass that role only.
+    (profile,) = {w["IamInstanceProfile"]["Name"] for w in worker_configs(aws)}
+    (role,) = [flags(a)["--role-name"] for a in argvs if a[:3] == ["aws", "iam", "add-role-to-instance-profile"]]
+    assert ["aws", "iam", "create-instance-profile", "--instance-profile-name", profile] in argvs
+    put = [flags(a) for a in argvs if a[:3] == ["aws", "iam", "put-role-policy"]]
+    assert [f["--policy-document"] for f in put if f["--role-name"] == role] == ["file://worker-policy.json"]
+    assert not any(a[:3] == ["aws", "iam", "attach-role-policy"] for a in argvs), "a managed policy grants more"
+    (passing,) = [json.loads(f["--policy-document"]) for f in put if f["--role-name"] != role]
+    for statement in passing["Statement"]:
+        assert statement["Action"] == "iam:PassRole", statement
+        assert all(r.endswith(f":role/{role}") for r in as_list(statement["Resource"])), statement
+
+    # GCP: the workers' account is bound on the bucket, never on the project.
+    (email,) = {w["serviceAccounts"][0]["email"] for w in worker_configs(load(GCP))}
+    bindings = [a for a in argvs if "add-iam-policy-binding" in a and f"serviceAccount:{email}" in a]
+    assert bindings, f"nothing grants {email} the bucket"
+    for argv in bindings:
+        assert argv[:4] == ["gcloud", "storage", "buckets", "add-iam-policy-binding"], argv
+        assert argv[4].startswith("gs://") and flags(argv)["--role"] == "roles/storage.objectAdmin", argv
+
+
+def test_gcp_nodes_are_tagged_and_only_the_head_has_an_external_ip():
+    config = load(GCP)
+    region = config["provider"]["region"]
+    # Ray's own bootstrap step, as `ray up` runs it: a node type without networkInterfaces gets the
+    # first subnet Ray lists, with an external IP.
+    compute = mock.MagicMock()
+    subnet = {"selfLink": f"projects/p/regions/{region}/subnetworks/default"}
+    compute.subnetworks.return_value.list.return_value.execute.return_value = {"items": [subnet]}
+    with ray_cloud_config("gcp") as gcp_config:
+        configured = gcp_config._configure_subnet(prepare_config(copy.deepcopy(config)), compute)
+
+    tags = set()
+    for name, node_type in configured["available_node_types"].items():
+        node_config = node_type["node_config"]
+        tags.add(tuple(node_config.get("tags", {}).get("items", [])))
+        (interface,) = node_config["networkInterfaces"]
+        assert re.fullmatch(rf"(projects/[^/]+/)?regions/{region}/subnetworks/[\w-]+", interface["subnetwork"])
+        external = [c for c in interface.get("accessConfigs", []) if c.get("type") == "ONE_TO_ONE_NAT"]
+        if name == config["head_node_type"]:
+            assert len(external) == 1, "`ray up` reaches the head by its external IP"
+        else:
+            assert not interface.get("accessConfigs"), f"{name}: a worker with an external IP"
+    assert len(tags) == 1 and len(next(iter(tags))) == 1, f"the firewall rules need one tag on every node: {tags}"
+
+
+# All a cluster rule may say: nothing that the test below does not read (--source-service-accounts, ...).
+FIREWALL_FLAGS = {
+    "--network",
+    "--direction",
+    "--priority",
+    "--action",
+    "--rules",
+    "--source-ranges",
+    "--source-tags",
+    "--target-tags",
+}
+
+
+def test_readme_gcp_firewall_admits_ssh_from_your_cidr_only():
+    node_configs = [t["node_config"] for t in load(GCP)["available_node_types"].values()]
+    ((tag,),) = {tuple(c["tags"]["items"]) for c in node_configs}
+    # An auto-mode network's subnets are named after it.
+    (network,) = {c["networkInterfaces"][0]["subnetwork"].rsplit("/", 1)[1] for c in node_configs}
+    argvs = readme_commands(readme_cluster())
+    rules = {a[4]: flags(a) for a in argvs if a[:4] == ["gcloud", "compute", "firewall-rules", "create"]}
+    assert rules, "no firewall rules for the cluster's tag"
+    for name, f in rules.items():
+        assert (f["--network"], f["--direction"], f["--target-tags"]) == (network, "INGRESS", tag), name
+        assert set(f) <= FIREWALL_FLAGS, name
+
+    allows = [f for f in rules.values() if f["--action"] == "ALLOW"]
+    from_outside = [(f["--rules"], f["--source-ranges"]) for f in allows if "--source-ranges" in f]
+    assert from_outside == [("tcp:22", "$MY_CIDR")], "only SSH, from MY_CIDR, may come from outside the tag"
+    assert all(f["--source-tags"] == tag for f in allows if "--source-ranges" not in f)
+    # The default network allows SSH and RDP from anywhere, and everything within it, at priority 65534;
+    # a deny for the tag between those and the rules above (lower numbers win) closes that.
+    (deny,) = [f for f in rules.values() if f["--action"] == "DENY"]
+    assert (deny["--rules"], deny["--source-ranges"]) == ("all", "0.0.0.0/0")
+    assert max(int(f["--priority"]) for f in allows) < int(deny["--priority"]) < 65534
 
 
 # --- a real multi-node run on one machine ---------------------------------------------------------

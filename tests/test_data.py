@@ -39,6 +39,7 @@ from tests.conftest import (
     write_petimages,
     zip_dir,
 )
+from tests.test_data_safety import trust_cifar_batches
 
 
 def _load(task, root, **kw):
@@ -70,8 +71,9 @@ def test_cifar_found_from_parent_folder(cifar_tree: Path):
     assert len(d.test_y) == 40
 
 
-def test_cifar_torchvision_layout(tmp_path: Path):
-    write_cifar_batches(tmp_path, n_train=100, n_test=20)
+def test_cifar_torchvision_layout(tmp_path: Path, monkeypatch):
+    # Synthetic pickles: their md5s stand in for the official ones, which the loader checks before unpickling.
+    trust_cifar_batches(monkeypatch, write_cifar_batches(tmp_path, n_train=100, n_test=20))
     d = _load("cifar10", tmp_path)
     assert d.manifest["layout"] == "torchvision"
     assert len(d.train_y) + len(d.val_y) == 100 and len(d.test_y) == 20
@@ -199,7 +201,7 @@ def test_cifar_download_checks_md5_and_extracts(http_dir, tmp_path: Path, monkey
 
     served, url = http_dir
     src = tmp_path / "src"
-    write_cifar_batches(src)
+    trust_cifar_batches(monkeypatch, write_cifar_batches(src))
     archive = tar_gz(src / "cifar-10-batches-py", served / "c.tar.gz")
     monkeypatch.setenv("CNNCLF_CIFAR10_URL", f"{url}/c.tar.gz")
     monkeypatch.setattr(CIFAR10, "tgz_md5", data_mod._file_md5(archive))

@@ -129,7 +129,8 @@ def test_a_database_of_an_older_schema_that_holds_runs_is_refused_with_the_upgra
         prepare_tracking(uri)
     assert "\n" not in str(e.value)
     assert revision(db) == "6f8d9c3b2a1e"  # refused, not altered or set aside
-    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]  # the lock stays, empty
+    assert (tmp_path / "mlflow.db.lock").stat().st_size == 0
 
 
 def test_another_programs_database_is_refused_and_left_alone(tmp_path):
