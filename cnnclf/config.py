@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass, field
 
 TASKS = ("cifar10", "catdog")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CATDOG_CLASSES = ["cat", "dog"]
+CLASSES = {"cifar10": CIFAR10_CLASSES, "catdog": CATDOG_CLASSES}  # label order: the index is the label
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 NORMALIZATIONS = ("half", "dataset", "imagenet")
@@ -103,6 +106,19 @@ class TrainConfig:
         d["tags"] = list(self.tags)
         return d
 
+    def cli_args(self) -> list[str]:
+        """`python -m cnnclf train` arguments that train exactly this config (every flag spelled out)."""
+        args = ["--task", self.task]
+        for k, v in self.to_dict().items():
+            if k in ("task", "tags", "val_fraction", "test_fraction") or v is None:
+                continue  # the split fractions have no flag: they are the data's, fixed per task
+            flag = k.replace("_", "-")
+            if isinstance(v, bool):  # amsgrad, nesterov
+                args.append(f"--{flag}" if v else f"--no-{flag}")
+            else:
+                args += [f"--{flag}", str(v)]
+        return args
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
@@ -111,7 +127,7 @@ class TrainConfig:
         return cls().replace(**d)
 
 
-# The seeds, as documented (DESIGN.md): tutorial net at batch 4 for 2 epochs.
+# The seeds, as documented (docs/results.md): tutorial net at batch 4 for 2 epochs.
 CIFAR10_SEED = TrainConfig(
     task="cifar10",
     model="tutorial",

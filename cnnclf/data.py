@@ -45,9 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CATDOG_CLASSES = ["cat", "dog"]
-CLASSES = {"cifar10": CIFAR10_CLASSES, "catdog": CATDOG_CLASSES}
+from cnnclf.config import CATDOG_CLASSES, CIFAR10_CLASSES, CLASSES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

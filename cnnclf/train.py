@@ -2,7 +2,7 @@
 
     result = train(cfg, data, report=lambda epoch, metrics, save_checkpoint: ...)
 
-`report` is called once per epoch with DESIGN.md's metric names; `save_checkpoint(path)`
+`report` is called once per epoch with docs/tracking.md's metric names; `save_checkpoint(path)`
 writes everything needed to resume (model, optimizer, schedule, RNG state, epoch), and
 `train(..., resume=path)` continues from it to the same result as an uninterrupted run.
 No Ray, Optuna or MLflow here: sweeps/ adapts this to Tune and MLflow.

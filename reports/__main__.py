@@ -12,20 +12,19 @@ bad arguments (one line on stderr, and nothing written: not to --out, not to the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from cnnclf.config import name_error
+from sweeps.store import DEFAULT_URI
 
 DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
 EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
-SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as DESIGN.md asks of every CLI here
+    def error(self, message: str) -> None:  # one line, as every CLI here: `reports: error: ...`, exit 2
         from reports.data import ReportError
 
         raise ReportError(message)
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store the sweeps wrote to")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store the sweeps wrote to")
     p.add_argument(
         "--experiment", nargs="+", default=None, help="experiments (default: cifar10 and catdog, those that exist)"
     )
@@ -67,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """What can be checked without opening the store: --out, and that a SQLite URI names a database."""
-    from reports.data import ReportError
+    """What can be checked before MLflow opens the store: --sweep, --out, and the store itself."""
+    from reports.data import ReportError, check_store
 
     for n in args.sweep or ():
         if n != "all" and (why := name_error(n)):
@@ -79,41 +78,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ReportError(f"--out: {existing} is a file, not a folder")
     if existing.exists() and not os.access(existing, os.W_OK):
         raise ReportError(f"--out: {existing} is not writable")
-    uri = args.tracking_uri
-    if not uri.strip():  # MLflow would fall back to its default store and create ./mlflow.db
-        raise ReportError("--tracking-uri: expected a URI, got an empty string")
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser()
-        # MLflow would turn an empty or foreign file into a fresh database: reading must not write.
-        if path.is_file() and not _is_mlflow_sqlite(path):
-            raise ReportError(f"--tracking-uri: {path} is not an MLflow (SQLite) database")
-
-
-def sqlite_tables(path: Path) -> set[str] | None:
-    """The tables of a SQLite file, or None when it is not one.
-
-    A writer killed mid-transaction leaves a hot journal that a read-only connection cannot roll back
-    ("attempt to write a readonly database"); a read-write one rolls it back first, as any SQLite
-    client would, so a sweep's database stays readable after a crash.
-    """
-    import sqlite3
-
-    with open(path, "rb") as f:
-        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return None
-    writable = os.access(path, os.W_OK) and os.access(path.resolve().parent, os.W_OK)
-    for mode in ("rw", "ro") if writable else ("ro",):
-        try:
-            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True)) as db:
-                return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except sqlite3.Error:
-            continue
-    return None
-
-
-def _is_mlflow_sqlite(path: Path) -> bool:
-    tables = sqlite_tables(path)
-    return tables is not None and {"experiments", "runs"} <= tables
+    # Reading must create nothing: MLflow would make an empty file, a foreign one or a missing path a
+    # store of its own (sweeps.store.check with write=False refuses each).
+    check_store(args.tracking_uri)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -1,75 +1,52 @@
 """What the report says about a sweep: the best trial, the baselines, outcomes, confirmations, timings.
 
-Selection follows DESIGN.md: `val/acc` chooses (mode max) among search trials (role=trial) that
-ran all their epochs; the test set only reports. Runs closed as KILLED (orphaned by an
-interruption) appear in the outcome counts and nowhere else.
+The rules are the sweep's own (sweeps/spec.py): `val/acc` chooses (mode max) among search trials
+(role=trial) whose val/acc is a measurement, those that ran all their epochs first; the test set only
+reports. Runs closed as KILLED (orphaned by an interruption) appear in the outcome counts and nowhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import shlex
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from reports.data import SweepData, finite
+from cnnclf.config import CLASSES, TrainConfig
+from reports.data import ADAM_FAMILY, OUTCOMES, SGD_FAMILY, SweepData, parse_param
+from sweeps.spec import (
+    ADAM_ONLY,
+    CATEGORICAL_PARAMS,
+    LOG_PARAMS,
+    MEASURED,
+    METRIC,
+    ROLES,
+    SGD_ONLY,
+    confirmation_stats,
+    finite,
+    ranked_by,
+    reproduce_command,
+)
 
-METRIC = "val/acc"
-CLASSES = {
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    "catdog": ("cat", "dog"),
-}
-SEARCH_PARAMS = (
-    "optimizer",
-    "lr",
-    "momentum",
-    "amsgrad",
-    "weight_decay",
-    "batch_size",
-    "depth",
-    "kernel_size",
-    "width",
-)
-PARAM_ORDER = (
-    "model",
-    "optimizer",
-    "lr",
-    "momentum",
-    "nesterov",
-    "amsgrad",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "schedule",
-    "warmup_epochs",
-    "label_smoothing",
-    "depth",
-    "kernel_size",
-    "width",
-    "image_size",
-    "normalize",
-    "augment",
-    "subset",
-    "seed",
-)
 NOT_HYPERPARAMS = ("task", "val_fraction", "test_fraction")  # data split settings, identical across a sweep
-OUTCOME_LABELS = {
-    "completed": "completed",
+# Every TrainConfig field but the data split (and the free-form tags), in TrainConfig's own order.
+PARAM_ORDER = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in (*NOT_HYPERPARAMS, "tags"))
+_LABELS = {
     "early_stopped": "early-stopped (ASHA)",
-    "diverged": "diverged",
     "oom": "failed (out of memory)",
     "error": "failed (error)",
     "interrupted": "interrupted (KILLED)",
     "running": "still running",
 }
-ROLES = ("trial", "baseline", "confirm")
+OUTCOME_LABELS = {o: _LABELS.get(o, o) for o in OUTCOMES}
+ALWAYS_COUNTED = (*MEASURED, "diverged", "error")  # rows of the outcome table even when zero
 
 
 @dataclass(frozen=True)
 class Documented:
-    """A baseline as DESIGN.md documents it (the seeds' hand-tuned results)."""
+    """A baseline as the seed project documented it (its hand-tuned results)."""
 
     test_acc: float  # fraction
     what: str
@@ -101,12 +78,16 @@ def visible(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["outcome"] != "interrupted"]
 
 
+def _rank_keys(runs: pd.DataFrame) -> list[tuple | None]:
+    """sweeps.spec.ranked_by of each run, in row order (None: not ranked)."""
+    return [ranked_by(*r) for r in zip(runs["role"], runs["outcome"], runs[METRIC], strict=True)]
+
+
 def ranked(runs: pd.DataFrame) -> pd.DataFrame:
     """Search trials with a val/acc, best first: those that ran all epochs, then early-stopped ones."""
-    t = runs[(runs["role"] == "trial") & runs[METRIC].map(finite)]
-    full = t[t["outcome"] == "completed"].sort_values(METRIC, ascending=False, kind="stable")
-    part = t[t["outcome"] == "early_stopped"].sort_values(METRIC, ascending=False, kind="stable")
-    out = pd.concat([full, part])
+    keys = _rank_keys(runs)
+    order = sorted((i for i, k in enumerate(keys) if k is not None), key=keys.__getitem__)  # stable: ties by start
+    out = runs.iloc[order]
     return out.assign(rank=np.arange(1, len(out) + 1))
 
 
@@ -126,34 +107,31 @@ def outcome_counts(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs per outcome (rows) and role (columns), with a total; outcomes nobody had are left out."""
     roles = [r for r in ROLES if (runs["role"] == r).any()] or ["trial"]
     table = pd.DataFrame(
-        {
-            role: [int(((runs["role"] == role) & (runs["outcome"] == o)).sum()) for o in OUTCOME_LABELS]
-            for role in roles
-        },
-        index=list(OUTCOME_LABELS),
+        {role: [int(((runs["role"] == role) & (runs["outcome"] == o)).sum()) for o in OUTCOMES] for role in roles},
+        index=list(OUTCOMES),
     )
     table["all"] = table.sum(axis=1)
-    keep = [o for o in OUTCOME_LABELS if o in ("completed", "early_stopped", "diverged", "error") or table.at[o, "all"]]
+    keep = [o for o in OUTCOMES if o in ALWAYS_COUNTED or table.at[o, "all"]]
     return table.loc[keep]
 
 
 def confirmations(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per confirmed trial: n finished retrainings with fresh seeds, mean and sample std (ddof 1) of test/val acc."""
+    """Per confirmed trial: n finished retrainings with fresh seeds, mean and sample std of test/val acc.
+
+    The statistics are sweeps.spec.confirmation_stats: with one run the std is NaN (undefined), as in the sweep.
+    """
     c = visible(runs)
     c = c[c["role"] == "confirm"]
     rows = []
     for of, g in c.groupby(c["confirm_of"].fillna("?"), sort=False):
         ok = g[(g["outcome"] == "completed") & g["test/acc"].map(finite)]
         orig = runs[(runs["trial_id"] == of) & (runs["role"] == "trial")]
+        stats = confirmation_stats([float(v) for v in ok["test/acc"]], [float(v) for v in ok[METRIC] if finite(v)])
         rows.append(
             {
                 "confirm_of": of,
-                "n": len(ok),
+                **stats,
                 "not_finished": len(g) - len(ok),
-                "test_mean": ok["test/acc"].mean() if len(ok) else math.nan,
-                "test_std": ok["test/acc"].std(ddof=1) if len(ok) > 1 else math.nan,
-                "val_mean": ok[METRIC].mean() if len(ok) else math.nan,
-                "val_std": ok[METRIC].std(ddof=1) if len(ok) > 1 else math.nan,
                 "seeds": ", ".join(str(s) for s in ok["seed"]) if "seed" in ok else "",
                 "orig_val": orig[METRIC].iloc[0] if len(orig) else math.nan,
                 "orig_test": orig["test/acc"].iloc[0] if len(orig) else math.nan,
@@ -188,10 +166,7 @@ def history(runs: pd.DataFrame) -> pd.DataFrame:
     t = visible(runs)
     t = t[t["role"] == "trial"].sort_values("start", kind="stable").copy()
     t["number"] = np.arange(1, len(t) + 1)
-    t["value"] = [
-        v if o in ("completed", "early_stopped") and finite(v) else math.nan
-        for v, o in zip(t[METRIC], t["outcome"], strict=True)
-    ]
+    t["value"] = [v if o in MEASURED and finite(v) else math.nan for v, o in zip(t[METRIC], t["outcome"], strict=True)]
     t["best_by_number"] = t["value"].cummax().ffill()  # cummax is NaN at the NaN trials themselves
     t["elapsed_s"] = (t["end"] - start).dt.total_seconds()
     by_time = t[t["value"].notna() & t["elapsed_s"].notna()].sort_values("elapsed_s", kind="stable")
@@ -227,21 +202,26 @@ def hyperparams(runs: pd.DataFrame) -> list[str]:
 
 
 def command(sweep: SweepData, row: pd.Series) -> str:
-    """`python -m cnnclf train ...` for a trial: best_config.json's when it is that trial's, else rebuilt."""
+    """`python -m cnnclf train ...` for a trial: best_config.json's when it is that trial's, else rebuilt
+    from the run's logged params through TrainConfig.cli_args (as the sweep writes it)."""
     bc = sweep.best_config or {}
     if bc.get("trial_id") == row["trial_id"] and bc.get("command"):
         return str(bc["command"])
-    params = sweep.raw_params.get(row["run_id"], {})
-    args = ["python", "-m", "cnnclf", "train", "--task", params.get("task", task_of(sweep))]
-    for k, v in params.items():  # as sweeps.tracking.reproduce_command spells a TrainConfig
-        if k in ("task", "tags", "val_fraction", "test_fraction") or v == "None":
-            continue
-        flag = "--" + k.replace("_", "-")
-        if v in ("True", "False"):
-            args.append(flag if v == "True" else "--no-" + k.replace("_", "-"))
-        else:
-            args += [flag, v]
-    return shlex.join(args)
+    try:
+        cfg = logged_config(sweep, row["run_id"])
+    except (ValueError, TypeError) as e:  # ConfigError included: never a command that trains something else
+        return f"# trial {row['trial_id']}: its logged params do not form a TrainConfig ({' '.join(str(e).split())})"
+    return reproduce_command(cfg)
+
+
+def logged_config(sweep: SweepData, run_id: str) -> TrainConfig:
+    """The TrainConfig a run logged (every field but tags, as a string param); ValueError if it logged none."""
+    params = {k: parse_param(v) for k, v in sweep.raw_params.get(run_id, {}).items()}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"tags"}
+    params.setdefault("task", task_of(sweep))
+    if missing := sorted(fields - set(params)):
+        raise ValueError(f"no param {', '.join(missing)}")
+    return TrainConfig.from_dict({k: v for k, v in params.items() if k in fields})
 
 
 def class_names(sweep: SweepData, runs: pd.DataFrame) -> list[str]:
@@ -256,19 +236,16 @@ def class_names(sweep: SweepData, runs: pd.DataFrame) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Hyperparameter importance (Optuna's fANOVA over the sweep's own trials).
 
-LOG_PARAMS = ("lr", "weight_decay")
-CATEGORICAL_PARAMS = ("batch_size", "kernel_size", "width")  # suggest_categorical in sweeps/search.py
 MIN_TRIALS = 3
 FAMILIES = {  # group name -> (optimizers, the params only that family has)
-    "SGD trials": (("sgd",), ("momentum", "nesterov")),
-    "Adam/AdamW trials": (("adam", "adamw"), ("amsgrad",)),
+    "SGD trials": (SGD_FAMILY, SGD_ONLY),
+    "Adam/AdamW trials": (ADAM_FAMILY, ADAM_ONLY),
 }
 
 
 def importance_trials(runs: pd.DataFrame) -> pd.DataFrame:
-    """Search trials Optuna saw as COMPLETE: completed or early-stopped, with a finite val/acc."""
-    t = runs[(runs["role"] == "trial") & runs["outcome"].isin(["completed", "early_stopped"])]
-    return t[t[METRIC].map(finite)]
+    """Search trials Optuna saw as COMPLETE: those ranked (completed or early-stopped, a finite val/acc), by start."""
+    return runs.iloc[[i for i, k in enumerate(_rank_keys(runs)) if k is not None]]
 
 
 def importances(runs: pd.DataFrame) -> tuple[dict[str, dict[str, float]], list[str]]:

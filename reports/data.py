@@ -1,6 +1,6 @@
 """MLflow -> pandas: a sweep's parent run, one row per trial run, and the parent's artifacts.
 
-The contract is what `sweeps/tracking.py` writes: one parent run per sweep (tags `role=sweep`,
+The contract is what `sweeps/callbacks.py` writes: one parent run per sweep (tags `role=sweep`,
 `sweep=<name>`), one nested child run per trial (tags `sweep`, `trial_id`, `role`, `status`;
 every TrainConfig field as a string param; per-epoch metrics with `step=epoch`, final
 `test/*` metrics). Reads go through `MlflowClient` with an explicit tracking URI rather than
@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Tag `status` values written by sweeps/tracking.py, plus `running` for a sweep still in progress.
-OUTCOMES = ("completed", "early_stopped", "diverged", "oom", "error", "interrupted", "running")
-# Parameters that only mean something for some optimizers (the conditional search space).
-SGD_ONLY = ("momentum", "nesterov")
-ADAM_ONLY = ("amsgrad",)
+from sweeps import spec, store
+from sweeps.spec import ADAM_ONLY, SGD_ONLY
+
+# A trial's outcome: the sweep's own (its `status` tag), plus two that only the MLflow run state tells:
+# `interrupted` (KILLED: orphaned by an interruption) and `running` (a sweep still in progress).
+OUTCOMES = (*spec.OUTCOMES, "interrupted", "running")
+SGD_FAMILY, ADAM_FAMILY = spec.OPTIMIZER_FAMILIES["sgd"], spec.OPTIMIZER_FAMILIES["adam"]
 # Per-epoch metrics that are bookkeeping rather than results; `lr` would also collide with the param.
 DROPPED_METRICS = ("lr", "diverged", "epoch")
 SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
@@ -57,22 +56,10 @@ class SweepData:
 
 def check_store(tracking_uri: str) -> None:
     """Fail fast on a store that cannot be read; never create an empty SQLite file by reading one."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-        if not path.is_file():
-            raise ReportError(f"--tracking-uri: no MLflow database at {path}")
-    elif tracking_uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5) as r:
-                if r.status != 200:
-                    raise OSError(f"HTTP {r.status}")
-        except (urllib.error.URLError, OSError) as e:
-            raise ReportError(f"--tracking-uri: cannot reach {tracking_uri} ({getattr(e, 'reason', e)})") from None
-    elif tracking_uri.startswith(("file:", "/", "./")) or (":" not in tracking_uri and tracking_uri != "databricks"):
-        path = Path(tracking_uri.removeprefix("file://").removeprefix("file:")).expanduser()
-        if not path.is_dir():
-            raise ReportError(f"--tracking-uri: no MLflow file store at {path}")
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+    try:
+        store.check(tracking_uri, write=False)
+    except store.StoreError as e:
+        raise ReportError(f"--tracking-uri: {e}") from None
 
 
 def client(tracking_uri: str):
@@ -205,12 +192,10 @@ def _run_row(r) -> dict[str, Any]:
     tags, m = r.data.tags, r.data.metrics
     params = {k: parse_param(v) for k, v in r.data.params.items()}
     opt = params.get("optimizer")
-    for k in SGD_ONLY:  # blank where the optimizer ignores it: the searcher never chose it there
-        if k in params and opt != "sgd":
-            params[k] = None
-    for k in ADAM_ONLY:
-        if k in params and opt not in ("adam", "adamw"):
-            params[k] = None
+    for names, family in ((SGD_ONLY, SGD_FAMILY), (ADAM_ONLY, ADAM_FAMILY)):
+        for k in names:  # blank where the optimizer ignores it: the searcher never chose it there
+            if k in params and opt not in family:
+                params[k] = None
     row: dict[str, Any] = {
         "run_id": r.info.run_id,
         "trial_id": tags.get("trial_id", r.info.run_id[:8]),
@@ -342,7 +327,3 @@ def _quote(s: str) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, int | float | np.floating | np.integer) and not isinstance(x, bool) and math.isfinite(x)

@@ -45,13 +45,19 @@ def best_so_far(hist: pd.DataFrame, baselines: list[tuple[str, float]], title: s
     ax1.step(hist["number"], hist["best_by_number"], where="post", color="tab:green", lw=2, label="best so far")
     t = hist[hist["best_by_time"].notna()].sort_values("elapsed_s")
     ax2.step(t["elapsed_s"] / 60, t["best_by_time"], where="post", color="tab:green", lw=2)
+    return _by_number_and_time(fig, baselines, title, "final val/acc", " (min, at the trial's end)")
+
+
+def _by_number_and_time(fig: Figure, baselines: list[tuple[str, float]], title: str, ylabel: str, unit: str) -> Figure:
+    """The shared frame of the two-panel plots: by trial number (left) and by wall time (right)."""
+    ax1, ax2 = fig.axes
     for ax in (ax1, ax2):
         _baseline_lines(ax, baselines)
         ax.yaxis.set_major_formatter(PCT)
         ax.grid(alpha=0.3)
     ax1.set_xlabel("trial number (start order)")
-    ax2.set_xlabel("wall time since the sweep started (min, at the trial's end)")
-    ax1.set_ylabel("final val/acc")
+    ax2.set_xlabel("wall time since the sweep started" + unit)
+    ax1.set_ylabel(ylabel)
     ax1.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     return fig
@@ -65,16 +71,7 @@ def compare_best_so_far(hists: dict[str, pd.DataFrame], baselines: list[tuple[st
         (line,) = ax1.step(h["number"], h["best_by_number"], where="post", lw=2, label=name)
         t = h[h["best_by_time"].notna()].sort_values("elapsed_s")
         ax2.step(t["elapsed_s"] / 60, t["best_by_time"], where="post", lw=2, color=line.get_color())
-    for ax in (ax1, ax2):
-        _baseline_lines(ax, baselines)
-        ax.yaxis.set_major_formatter(PCT)
-        ax.grid(alpha=0.3)
-    ax1.set_xlabel("trial number (start order)")
-    ax2.set_xlabel("wall time since the sweep started (min)")
-    ax1.set_ylabel("best val/acc so far")
-    ax1.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
-    return fig
+    return _by_number_and_time(fig, baselines, title, "best val/acc so far", " (min)")
 
 
 def learning_curves(curves: dict[str, pd.Series], baseline: tuple[str, pd.Series] | None) -> Figure:

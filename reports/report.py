@@ -11,17 +11,9 @@ import pandas as pd
 
 from reports import analysis as an
 from reports import plots
-from reports.data import (
-    ADAM_ONLY,
-    SGD_ONLY,
-    SweepData,
-    finite,
-    list_sweeps,
-    load_sweep,
-    metric_history,
-    resolve_sweeps,
-)
+from reports.data import SweepData, list_sweeps, load_sweep, metric_history, resolve_sweeps
 from reports.render import Block, Bullets, Code, Heading, Image, Para, Table, write
+from sweeps.spec import ADAM_ONLY, METRIC, ROLES, SEARCH_PARAMS, SGD_ONLY, finite
 
 TOP_TABLE = 10
 TOP_CURVES = 5
@@ -74,9 +66,12 @@ def pts(d) -> str:
 
 
 def mean_std(mean, std, n: int) -> str:
-    if not n:
+    """`mean ± std` in percent; the std of one run is undefined (NaN in confirmation_stats) and never shown."""
+    if not n or not finite(mean):
         return "–"
-    return f"{pct(mean)} ± {100 * std:.2f}" if n > 1 else f"{pct(mean)} (one run, no std)"
+    if n == 1 or not finite(std):
+        return f"{pct(mean)} ({'one run' if n == 1 else f'n={n}'}, no std)"
+    return f"{pct(mean)} ± {100 * std:.2f}"
 
 
 def duration(seconds) -> str:
@@ -148,7 +143,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
                 f"val/acc **{pct(best['val/acc'])}**, test/acc **{pct(best['test/acc'])}**."
             )
         )
-        hp = [f"{k}={value(best[k])}" for k in (*an.SEARCH_PARAMS, "epochs") if k in best and value(best[k]) != ""]
+        hp = [f"{k}={value(best[k])}" for k in (*SEARCH_PARAMS, "epochs") if k in best and value(best[k]) != ""]
         blocks.append(Para("Its hyperparameters: " + ", ".join(f"`{x}`" for x in hp) + "."))
         if confirmed := _confirmed(runs, best):
             blocks.append(Para(f"Retrained with fresh seeds (see Confirmation): test/acc {confirmed}."))
@@ -195,7 +190,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
         if base is None:
             blocks.append(Para("No baseline run (role=baseline) in this sweep (`--no-baseline`, or it was lost)."))
     wall = an.wall_seconds(s)
-    counts = {r: int((vis["role"] == r).sum()) for r in an.ROLES}
+    counts = {r: int((vis["role"] == r).sum()) for r in ROLES}
     line = (
         f"Sweep wall time: **{duration(wall)}** (first trial start to last run end) for {counts['trial']} search "
         f"trials, {counts['baseline']} baseline and {counts['confirm']} confirmation runs."
@@ -242,7 +237,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
     blocks.append(Heading(h, f"Top {TOP_TABLE} search trials by val/acc"))
     ranked = an.ranked(runs)
     params = an.hyperparams(searched)
-    shown = [p for p in params if p in an.SEARCH_PARAMS or p in an.varying(searched, params)]
+    shown = [p for p in params if p in SEARCH_PARAMS or p in an.varying(searched, params)]
     shown = [p for p in shown if p != "epochs"]  # the epochs column shows run/planned
     fixed = [p for p in params if p not in shown]
     if fixed and len(searched):
@@ -385,13 +380,13 @@ def _plots(s: SweepData, task: str, out_dir: Path, prefix: str, blocks: list[Blo
         skip("Learning curves", "no search trial reported a val/acc")
 
     trials = an.importance_trials(runs)
-    params = [p for p in an.SEARCH_PARAMS if p in trials and trials[p].notna().any()]
+    params = [p for p in SEARCH_PARAMS if p in trials and trials[p].notna().any()]
     params += [p for p in an.varying(trials, an.hyperparams(trials)) if p not in params]
     params.sort(key=lambda p: an.PARAM_ORDER.index(p) if p in an.PARAM_ORDER else len(an.PARAM_ORDER))
     if len(trials) >= 2 and params:
         add(
             "Parallel coordinates",
-            plots.parallel_coordinates(trials, params, an.METRIC, an.LOG_PARAMS),
+            plots.parallel_coordinates(trials, params, METRIC, an.LOG_PARAMS),
             "parallel_coordinates",
             "One line per completed or early-stopped search trial, coloured by its final val/acc (the best "
             "thickest); lr and weight_decay on log axes; n/a where the optimizer has no such setting.",

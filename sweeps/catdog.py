@@ -24,7 +24,8 @@ capped at --max-epochs. Smoke test: 64x64 images.
 import sys
 
 from cnnclf.config import PRESETS, TrainConfig
-from sweeps.core import Ranges, TaskSpec, main
+from sweeps.cli import main
+from sweeps.spec import Ranges, TaskSpec
 
 SPEC = TaskSpec(
     task="catdog",

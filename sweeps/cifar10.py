@@ -23,7 +23,8 @@ same sweep on the same splits, tagged role=baseline.
 import sys
 
 from cnnclf.config import PRESETS, TrainConfig
-from sweeps.core import Ranges, TaskSpec, main
+from sweeps.cli import main
+from sweeps.spec import Ranges, TaskSpec
 
 SPEC = TaskSpec(
     task="cifar10",

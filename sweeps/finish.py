@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shlex
-import statistics
+import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +11,20 @@ from pathlib import Path
 import numpy as np
 
 from cnnclf.config import TrainConfig
-from sweeps.core import METRIC, dump_json, finite, trial_config
+from sweeps.callbacks import close_parent, log_summary
+from sweeps.spec import (
+    FAILED,
+    METRIC,
+    OUTCOMES,
+    SEARCH_PARAMS,
+    confirmation_stats,
+    finite,
+    outcome_of,
+    ranked_by,
+    reproduce_command,
+)
+from sweeps.spec import trial_config as config_of
 
-SHOWN = ("optimizer", "lr", "momentum", "amsgrad", "weight_decay", "batch_size", "depth", "kernel_size", "width")
 SAMPLE_IMAGES = 32  # test images with the best model's predictions, for the report's grid
 
 
@@ -34,17 +45,8 @@ def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        cfg = trial_config(r.config, base, baseline)
-        if r.error is not None:
-            outcome = "error"
-        elif m.get("failure"):
-            outcome = str(m["failure"])  # oom
-        elif m.get("diverged"):
-            outcome = "diverged"
-        elif m.get("epoch", 0) < cfg.epochs:
-            outcome = "early_stopped"
-        else:
-            outcome = "completed"
+        cfg = config_of(r.config, base, baseline)
+        outcome = outcome_of(m, cfg.epochs, errored=r.error is not None)
         ok = outcome in ("completed", "early_stopped")
         rows.append(
             Row(
@@ -63,14 +65,9 @@ def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
 
 
 def rank(rows: list[Row]) -> list[Row]:
-    """Search trials by val/acc, those that ran all their epochs (and so have a test/acc) first.
-
-    The test set chooses nothing: it is only reported.
-    """
-    searched = [r for r in rows if r.role == "trial" and r.val_acc is not None]
-    full = sorted((r for r in searched if r.outcome == "completed"), key=lambda r: -r.val_acc)
-    rest = sorted((r for r in searched if r.outcome != "completed"), key=lambda r: -r.val_acc)
-    return full + rest
+    """Search trials by val/acc (sweeps.spec.ranked_by); the test set chooses nothing, it is only reported."""
+    keyed = [(k, i, r) for i, r in enumerate(rows) if (k := ranked_by(r.role, r.outcome, r.val_acc)) is not None]
+    return [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
 def confirm_configs(ranked: list[Row], top: int, seeds: int, seed: int) -> list[dict]:
@@ -83,43 +80,42 @@ def confirm_configs(ranked: list[Row], top: int, seeds: int, seed: int) -> list[
     return configs
 
 
-def confirmation_stats(rows: list[Row]) -> dict[str, dict]:
+def confirmations(rows: list[Row]) -> dict[str, dict]:
     """trial_id -> n, mean and std of test/acc and val/acc over its confirm runs."""
     out: dict[str, dict] = {}
     for tid in sorted({r.confirm_of for r in rows if r.role == "confirm"}):
-        runs = [r for r in rows if r.role == "confirm" and r.confirm_of == tid and r.test_acc is not None]
-        if not runs:
-            continue
-        tests = [r.test_acc for r in runs]
-        vals = [r.val_acc for r in runs]
-        out[tid] = {
-            "n": len(runs),
-            "test_mean": statistics.fmean(tests),
-            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-            "val_mean": statistics.fmean(vals),
-            "val_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-        }
+        runs = [r for r in rows if r.role == "confirm" and r.confirm_of == tid and r.outcome == "completed"]
+        runs = [r for r in runs if r.test_acc is not None]
+        if runs:
+            out[tid] = confirmation_stats([r.test_acc for r in runs], [r.val_acc for r in runs])
     return out
 
 
-def reproduce_command(cfg: TrainConfig) -> str:
-    """The `python -m cnnclf train` command that trains `cfg` (every field spelled out)."""
-    args = ["python", "-m", "cnnclf", "train", "--task", cfg.task]
-    for k, v in cfg.to_dict().items():
-        if k in ("task", "tags", "val_fraction", "test_fraction") or v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):  # amsgrad, nesterov
-            args.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            args += [flag, str(v)]
-    return shlex.join(args)
+def _std(x: float) -> str:
+    return f"{x:.4f}" if finite(x) else "n/a (one run)"
+
+
+def dump_json(obj, path: Path) -> Path:
+    """JSON with NaN (a one-run std) written as null."""
+
+    def plain(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [plain(v) for v in o]
+        return o
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plain(obj), indent=1, default=str))
+    return path
 
 
 def _fmt(r: Row) -> str:
     c = r.cfg
     hp = []
-    for k in SHOWN:
+    for k in SEARCH_PARAMS:
         if (k == "momentum" and c.optimizer != "sgd") or (k == "amsgrad" and c.optimizer == "sgd"):
             continue
         v = getattr(c, k)
@@ -152,15 +148,11 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
-OUTCOMES = ("completed", "early_stopped", "diverged", "oom", "error")
-FAILED = ("oom", "error")  # the sweep exits 1 when any trial ended so
-
-
-def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float = 60.0) -> dict:
+def finish(rows: list[Row], statuses: dict, out_dir: Path, journal, data, wait: float = 60.0) -> dict:
     """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
     ranked = rank(rows)
     base_row = next((r for r in rows if r.role == "baseline"), None)
-    confirm = confirmation_stats(rows)
+    confirm = confirmations(rows)
     outcomes = {k: sum(r.outcome == k for r in rows if r.role != "confirm") for k in OUTCOMES}
 
     print(f"\n{'trial':>10s} {'role':8s} {'val/acc':>7s} {'test/acc':>8s} {'epochs':>6s}  config")
@@ -171,8 +163,8 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
     for tid, st in confirm.items():
         print(
-            f"confirmed {tid}: test/acc {st['test_mean']:.4f} ± {st['test_std']:.4f}, "
-            f"val/acc {st['val_mean']:.4f} ± {st['val_std']:.4f} (n={st['n']} fresh seeds)"
+            f"confirmed {tid}: test/acc {st['test_mean']:.4f} ± {_std(st['test_std'])}, "
+            f"val/acc {st['val_mean']:.4f} ± {_std(st['val_std'])} (n={st['n']} fresh seeds)"
         )
 
     best = None
@@ -180,7 +172,7 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float
     if ranked:
         b = ranked[0]
         best = {
-            "sweep": cb.sweep,
+            "sweep": journal.sweep,
             "trial_id": b.trial_id,
             "val/acc": b.val_acc,
             "test/acc": b.test_acc,
@@ -202,13 +194,13 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, cb, data, wait: float
         "confirmation": confirm,
     }
     files.append((dump_json({**summary, "best": best, "trial_statuses": statuses}, out_dir / "summary.json"), None))
-    cb.log_summary(best, summary, files)
-    cb.journal.append("meta", data={"finished": True})
-    if cb.journal.flush(timeout=wait):  # the report reads what was just logged
-        write_report(cb.journal, out_dir)
+    log_summary(journal, best, summary, files)
+    journal.append("meta", data={"finished": True})
+    if journal.flush(timeout=wait):  # the report reads what was just logged
+        write_report(journal, out_dir)
     else:
         print("the report is left for --sync: MLflow is unreachable", file=sys.stderr)
-    cb.close_parent()
+    close_parent(journal)
     return summary
 
 

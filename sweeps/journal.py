@@ -36,6 +36,14 @@ PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOU
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 
 
+_LIVE: dict[Path, Journal] = {}  # folder -> the journal this process opened on it
+
+
+def live(folder: Path) -> Journal:
+    """The journal this driver opened on `folder` (it opens each before any Tuner starts)."""
+    return _LIVE[Path(folder).resolve()]
+
+
 def trial_key(trial_id: str) -> str:
     return f"trial:{trial_id}"
 
@@ -47,7 +55,6 @@ class TrialEntry:
     key: str
     trial_id: str
     config: dict  # the Tune config the trial was started with
-    trial_dir: str | None  # its folder under the storage path
     last_step: int = 0  # last epoch whose metrics were journaled
     status: str | None = None  # MLflow status of its last terminal op, None while open
     adopted_by: list[str] = field(default_factory=list)  # later Tune trial ids that continued it
@@ -81,8 +88,8 @@ class Journal:
         self._stop = False
         self.offline_since: float | None = None
         self.rejected = 0
-        self.outages = 0
         self._client = None
+        _LIVE[self.folder.resolve()] = self  # what callbacks that Tune unpickled on --resume write through
 
     # --- the ledger ---------------------------------------------------------------------------
 
@@ -114,7 +121,7 @@ class Journal:
         elif kind == "create_run" and key == SWEEP_KEY:
             self.sweep_created = True
         elif kind == "create_run" and key != SWEEP_KEY and key not in self.trials:
-            self.trials[key] = TrialEntry(key, op["trial_id"], op["config"], op.get("trial_dir"))
+            self.trials[key] = TrialEntry(key, op["trial_id"], op["config"])
         elif kind == "log" and key in self.trials:
             steps = [m[3] for m in op.get("metrics", [])]
             self.trials[key].last_step = max([self.trials[key].last_step, *steps])
@@ -206,7 +213,6 @@ class Journal:
                 else:
                     if self.offline_since is None:
                         self.offline_since = time.monotonic()
-                        self.outages += 1
                         self._say(
                             f"warning: MLflow at {self.tracking_uri} is unreachable ({_one_line(e)[:160]}); training "
                             f"goes on, writes are spooled in {self.ops_path} and retried"

@@ -4,7 +4,7 @@ ray_results, mlruns or data/).
 
 Each case runs in an empty working directory that must still be empty afterwards. Most run
 in-process (a CLI's `main(argv)`: no torch import per case); a representative subset runs as real
-subprocesses, as a user types them. Sweep cases run `sweeps.core.main` with `run_sweep` replaced
+subprocesses, as a user types them. Sweep cases run `sweeps.cli.main` with `run_sweep` replaced
 by a tripwire, so a value the sweep fails to refuse is caught before Ray starts, in milliseconds.
 """
 
@@ -75,7 +75,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    """An MLflow SQLite store holding one cifar10 sweep (a parent run tagged as sweeps/tracking.py does)."""
+    """An MLflow SQLite store holding one cifar10 sweep (a parent run tagged as sweeps/callbacks.py does)."""
     from mlflow.tracking import MlflowClient
 
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
@@ -292,7 +292,7 @@ class ReachedRay(AssertionError):
 
 
 def _tripwire(*args, **kwargs):
-    raise ReachedRay("sweeps.core.run_sweep was called: the invalid value was not refused before Ray")
+    raise ReachedRay("sweeps.cli.run_sweep was called: the invalid value was not refused before Ray")
 
 
 def _run_in_process(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -308,10 +308,10 @@ def _run_in_process(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int
 
         rc = main(argv)
     else:
-        import sweeps.core
+        import sweeps.cli
 
-        monkeypatch.setattr(sweeps.core, "run_sweep", _tripwire)
-        rc = sweeps.core.main(importlib.import_module(f"sweeps.{cli}").SPEC, argv)
+        monkeypatch.setattr(sweeps.cli, "run_sweep", _tripwire)
+        rc = sweeps.cli.main(importlib.import_module(f"sweeps.{cli}").SPEC, argv)
     return rc, capsys.readouterr().err
 
 

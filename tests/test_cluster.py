@@ -2,9 +2,9 @@
 real two-node sweep on this machine.
 
 What cannot run here (cloud provisioning, S3 and GCS, GPU workers, the MLflow server on the head) is
-listed in README.md's "Cluster" section, with the commands that check it on a real cluster. The one-time
-cloud setup that keeps a cluster closed (security group, firewall, the workers' IAM) is commands in that
-section, so the tests below read them there.
+listed in docs/cluster.md, with the commands that check it on a real cluster. The one-time cloud setup
+that keeps a cluster closed (security group, firewall, the workers' IAM) is commands on that page, so
+the tests below read them there.
 """
 
 from __future__ import annotations
@@ -197,15 +197,15 @@ def test_every_node_installs_this_project_with_the_pinned_versions(config_path):
     assert not config.get("worker_setup_commands"), "workers would differ from the head"
     pinned = pins(setup)
 
-    # torch and torchvision exactly as .ci/run (and the README) install them, and within pyproject's ranges.
+    # torch and torchvision exactly as .ci/run (and the README's set-up) install them, and within pyproject's ranges.
     ci_pins = pins((ROOT / ".ci" / "run").read_text())
     deps = {Requirement(d).name: Requirement(d) for d in pyproject()["project"]["dependencies"]}
     for name in ("torch", "torchvision"):
         assert pinned[name] == ci_pins[name], name
         assert deps[name].specifier.contains(pinned[name]), f"pyproject.toml does not admit {name}=={pinned[name]}"
-    # Ray within pyproject's range, and the one the README installs for `ray up`: launcher and cluster agree.
+    # Ray within pyproject's range, and the one docs/cluster.md installs for `ray up`: launcher and cluster agree.
     assert deps["ray"].specifier.contains(pinned["ray"])
-    launcher = re.search(r"pip install [^\n]*\"ray\[default\]==([\w.]+)\"", (ROOT / "README.md").read_text())
+    launcher = re.search(r"pip install [^\n]*\"ray\[default\]==([\w.]+)\"", (ROOT / "docs" / "cluster.md").read_text())
     assert launcher and launcher[1] == pinned["ray"], "README's launcher Ray differs from the cluster's"
 
     # The project is synced to one folder on every node and installed from there, after torch. The token
@@ -303,11 +303,8 @@ def worker_configs(config: dict) -> list[dict]:
 
 
 def readme_cluster() -> str:
-    """README's "Cluster" section: the one-time setup commands that keep a cloud cluster closed live there."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Cluster\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
+    """docs/cluster.md: the one-time setup commands that keep a cloud cluster closed live there."""
+    return (ROOT / "docs" / "cluster.md").read_text()
 
 
 def readme_commands(text: str) -> list[list[str]]:
@@ -382,7 +379,7 @@ def test_token_authentication_is_on_for_every_node(config_path, tmp_path):
 
 def test_aws_nodes_are_only_in_your_security_group(monkeypatch):
     config = load(AWS)
-    # One group of yours on every node type: SSH from your CIDR and traffic between members (README).
+    # One group of yours on every node type: SSH from your CIDR and traffic between members (docs/cluster.md).
     groups = {tuple(t["node_config"].get("SecurityGroupIds", [])) for t in config["available_node_types"].values()}
     assert len(groups) == 1 and len(next(iter(groups))) == 1, f"every node type needs the same one group: {groups}"
     assert "security_group" not in config["provider"], "its rules would only apply to a group Ray makes"
@@ -426,7 +423,7 @@ def test_readme_security_group_admits_ssh_from_your_cidr_only():
 @pytest.mark.parametrize("config_path", CLOUD_CONFIGS, ids=lambda p: p.name, indirect=True)
 def test_workers_hold_an_identity_for_the_bucket_only(config_path):
     # Ray's default identities (the head's) can start instances and read every bucket; code in any
-    # trial could use them. Workers get one of their own, whose grants README "Cluster" makes.
+    # trial could use them. Workers get one of their own, whose grants docs/cluster.md makes.
     config = load(config_path)
     kind = provider(config)
     with ray_cloud_config(kind) as ray_config:

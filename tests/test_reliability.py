@@ -298,7 +298,7 @@ def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
 def test_train_or_oom_turns_oom_into_a_failure_result():
     from cnnclf.data import TaskData
     from sweeps.cifar10 import SPEC
-    from sweeps.core import train_or_oom
+    from sweeps.trainable import train_or_oom
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -320,7 +320,7 @@ def test_out_of_memory_releases_device_memory():
         pytest.skip("needs a CUDA device")
     from cnnclf.data import TaskData
     from sweeps.cifar10 import SPEC
-    from sweeps.core import train_or_oom
+    from sweeps.trainable import train_or_oom
 
     x = torch.randint(0, 255, (512, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(512) % 10

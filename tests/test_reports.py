@@ -1,4 +1,4 @@
-"""Reports from a real MLflow SQLite store filled the way sweeps/tracking.py fills it.
+"""Reports from a real MLflow SQLite store filled the way sweeps/callbacks.py fills it.
 
 One store per module (creating an MLflow database takes seconds): experiment cifar10 holds an
 old and a new sweep, catdog one sweep without eval samples, and `empty` none. The new cifar10
@@ -38,7 +38,7 @@ FULL_PLOTS |= {"confusion", "samples"}
 
 
 class Store:
-    """Writes runs exactly as sweeps/tracking.py's MLflowCallback and finish_parent do."""
+    """Writes runs exactly as sweeps/callbacks.py's MLflowCallback and finish_parent do."""
 
     def __init__(self, uri: str, artifacts: Path) -> None:
         self.c = MlflowClient(uri)

@@ -100,15 +100,15 @@ def test_resume_refuses_a_pickle_that_would_run_code(planted, trained, kind, tmp
 def test_sweep_trial_restore_and_best_model_samples_refuse_it(planted, trained, tmp_path, capsys):
     from cnnclf.data import load_task
     from cnnclf.train import CheckpointError
-    from sweeps.core import CHECKPOINT_FILE, METRICS_FILE, _read_checkpoint
     from sweeps.finish import sample_predictions
+    from sweeps.trainable import CHECKPOINT_FILE, METRICS_FILE, read_checkpoint
 
     # A trial folder in the storage path as Tune's restore and the orphan adoption read it.
     folder = tmp_path / "checkpoint_000001"
     folder.mkdir()
     (folder / CHECKPOINT_FILE).write_bytes(planted["extra"].read_bytes())
     (folder / METRICS_FILE).write_text(json.dumps({"epoch": 1, "val/acc": 0.5}))
-    assert _read_checkpoint(folder) is None  # the trial trains without it
+    assert read_checkpoint(folder) is None  # the trial trains without it
     assert "ignoring checkpoint" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"extra\.pt"):
         sample_predictions(planted["extra"], load_task("cifar10", trained[0], download_missing=False))
@@ -153,7 +153,10 @@ def test_reports_never_write_outside_out_for_a_sweep_name_from_the_store(tmp_pat
 
 
 def test_tracking_lock_never_truncates_through_a_planted_symlink(tmp_path):
-    from sweeps.core import UsageError, prepare_tracking
+    from sweeps.cli import UsageError, tracking
+
+    def prepare_tracking(uri: str) -> None:
+        tracking("prepare", uri)
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")

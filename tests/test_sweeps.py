@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnclf.config import TrainConfig
-from sweeps.core import UsageError, parse_fix
-from sweeps.search import Space
+from sweeps.cli import UsageError, parse_fix
+from sweeps.searchers import Space
 from tests.conftest import write_catdog_flat, write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +296,8 @@ def test_reproduce_command_round_trips_through_the_cli():
 
 def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
     from sweeps.cifar10 import SPEC
-    from sweeps.finish import Row, confirm_configs, confirmation_stats, rank
+    from sweeps.finish import Row, confirm_configs, rank
+    from sweeps.finish import confirmations as confirmation_stats
 
     def row(tid, val, outcome="completed", role="trial", test=None, confirm_of=None, seed=0):
         cfg = SPEC.base.replace(lr=(val or 0.5) / 10, seed=seed)
@@ -315,7 +316,7 @@ def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
 
 
 def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):
-    from sweeps.core import KEEP_RECENT_S, METRICS_FILE, prune_checkpoints
+    from sweeps.trainable import KEEP_RECENT_S, METRICS_FILE, prune_checkpoints
 
     now = time.time()
     accs = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65}
@@ -335,10 +336,12 @@ def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):
 def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_path):
     from sweeps.cifar10 import SPEC
     from sweeps.journal import Journal, trial_key
-    from sweeps.search import Orphans, Space, make_searcher
+    from sweeps.resume import Orphans
+    from sweeps.searchers import Space, hand_out_again, make_searcher
 
     journal = Journal(tmp_path / "journal", "sqlite:///unused.db", "cifar10", "s", verbose=False)
-    first = make_searcher(Space(SPEC.ranges, {"width": 8}), None, seed=0, max_concurrent=None)
+    space = Space(SPEC.ranges, {"width": 8}, experiment="first")
+    first = make_searcher(space, None, seed=0, study=tmp_path / "first.db", max_concurrent=None)
     configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}
     for tid, cfg in configs.items():
         journal.append("create_run", trial_key(tid), trial_id=tid, config=cfg, ts=0)
@@ -346,13 +349,14 @@ def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_
     orphans = Orphans.from_journal(journal, {"a", "b"}, str(tmp_path / "exp"), roles=("trial", "baseline"))
     assert [(o.trial_id, o.dirs) for o in orphans.entries] == [("c", [str(tmp_path / "exp" / "trial-c")])]
 
-    again = make_searcher(Space(SPEC.ranges, {"width": 8}), None, seed=7, max_concurrent=None)  # another seed
-    again.orphans = orphans
+    space = Space(SPEC.ranges, {"width": 8}, experiment="again")
+    again = make_searcher(space, None, seed=7, study=tmp_path / "again.db", max_concurrent=None)  # another seed
+    hand_out_again("again", orphans)
     adopted = again.suggest("d")
     assert adopted["adopt"]["trial_id"] == "c"
     assert {k: v for k, v in adopted.items() if k != "adopt"} == configs["c"]  # exactly its config
     assert "adopt" not in again.suggest("e")  # then Optuna goes on as usual
-    assert [t.state.name for t in again.inner._ot_study.trials] == ["RUNNING", "RUNNING"]
+    assert [t.state.name for t in again.study().trials] == ["RUNNING", "RUNNING"]
     journal.close(timeout=0)
 
 

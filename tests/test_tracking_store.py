@@ -16,8 +16,17 @@ import pytest
 from mlflow.store.db.utils import _get_latest_schema_revision
 from mlflow.tracking import MlflowClient
 
-from reports.__main__ import _is_mlflow_sqlite
-from sweeps.core import UsageError, check_tracking, prepare_tracking
+from sweeps.cli import UsageError, tracking
+from sweeps.store import mlflow_tables
+
+
+def check_tracking(uri: str) -> None:
+    tracking("check", uri)
+
+
+def prepare_tracking(uri: str) -> None:
+    tracking("prepare", uri)
+
 
 # Kills its own process (SIGKILL, no clean-up) at the Nth schema statement MLflow runs while it
 # creates a database: with MLflow 3.17, N=200 falls inside a migration, which leaves a hot journal.
@@ -104,7 +113,8 @@ def test_a_write_killed_mid_transaction_leaves_a_database_that_opens_with_its_ru
     ):
         c.execute("SELECT count(*) FROM runs").fetchone()
 
-    assert _is_mlflow_sqlite(db)  # the report's check rolls the journal back and reads the tables
+    # The report's check rolls the journal back and reads the tables.
+    assert {"experiments", "runs"} <= mlflow_tables(db)
     check_tracking(uri)
     prepare_tracking(uri)
     assert not any(p.name.startswith("mlflow.db.unfinished-") for p in tmp_path.iterdir())  # nothing set aside

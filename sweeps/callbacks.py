@@ -1,10 +1,15 @@
-"""Driver-side Tune callbacks (MLflow writer, progress lines), the ASHA variant and the end-of-sweep summary.
+"""Driver-side Tune callbacks (the MLflow writer, progress lines) and the ASHA variant.
 
 Only the driver writes to MLflow: many processes writing one SQLite file hit "database
 is locked", and Ray's MLflowLoggerCallback nests nothing and opens duplicate runs when a
 trial is restored. Here a sweep is one parent run; each trial is one nested child run,
 found again by its `trial_id` tag when a trial or the whole sweep is resumed, and epochs
 already logged are not logged twice.
+
+Tune pickles callbacks into its experiment state and `Tuner.restore` unpickles them: so the
+callbacks hold no live resource. The MLflow writer finds the sweep's journal by its folder
+(`sweeps.journal.live`), and registers itself at `setup` so the driver can read what it saw
+(`active`): public Tune APIs only.
 """
 
 from __future__ import annotations
@@ -18,14 +23,29 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
-from sweeps.core import METRIC, METRIC_PREFIXES, finite, trial_config
+from sweeps import journal as journals
 from sweeps.journal import SWEEP_KEY, Journal, now_ms, trial_key
+from sweeps.spec import METRIC, METRIC_PREFIXES, finite, only_finite, outcome_of, trial_config
 
 FINISHED_STATUSES = ("TERMINATED", "ERROR")
+_ACTIVE: dict[str, MLflowCallback] = {}  # sweep name -> the MLflow writer of the Tuner fitting now
+
+
+def active(sweep: str) -> MLflowCallback:
+    """The MLflow writer that Tune set up for the last fit of `sweep` (fresh, or unpickled by a restore)."""
+    return _ACTIVE[sweep]
 
 
 class SweepASHA(ASHAScheduler):
-    """ASHA that never stops the baseline and keeps its results out of the rungs."""
+    """ASHA that never stops the baseline and keeps its results out of the rungs.
+
+    It keeps its own list of the trials it was given, so that it never asks ASHA about a trial ASHA
+    never saw (the baseline, or one restored without an add).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ranked_trials: set[str] = set()
 
     @staticmethod
     def _is_baseline(trial) -> bool:
@@ -33,19 +53,20 @@ class SweepASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._is_baseline(trial):
+            self.ranked_trials.add(trial.trial_id)
             super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if self._is_baseline(trial):
+        if trial.trial_id not in self.ranked_trials:
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if not self._is_baseline(trial) and trial.trial_id in self._trial_info:
+        if trial.trial_id in self.ranked_trials:
             super().on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        if not self._is_baseline(trial) and trial.trial_id in self._trial_info:
+        if trial.trial_id in self.ranked_trials:
             super().on_trial_remove(tune_controller, trial)
 
 
@@ -57,9 +78,8 @@ class MLflowCallback(tune.Callback):
     """
 
     def __init__(self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict) -> None:
-        self.journal, self.base, self.baseline, self.sweep_params = journal, base, baseline, sweep_params
+        self.folder, self.base, self.baseline, self.sweep_params = journal.folder, base, baseline, sweep_params
         self.sweep = journal.sweep
-        self.experiment = journal.experiment
         self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
         # Trials seen to end (on_trial_complete / on_trial_error, or already ended when a restored
         # sweep began). On Ctrl-C, Tune's cleanup marks running trials TERMINATED without telling
@@ -67,30 +87,13 @@ class MLflowCallback(tune.Callback):
         self.ended: set[str] = set()
         self._first_step = True
 
-    def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
-        return {k: v for k, v in self.__dict__.items() if k != "journal"}
-
-    # --- runs -----------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """The sweep's parent run: created once, reopened by --resume."""
-        j = self.journal
-        if j.has_run(SWEEP_KEY):
-            j.append("status", SWEEP_KEY, status="RUNNING", ts=now_ms())
-            j.append("log", SWEEP_KEY, tags=[["status", "running"]])
-        else:
-            j.append(
-                "create_run",
-                SWEEP_KEY,
-                name=self.sweep,
-                ts=now_ms(),
-                tags={"sweep": self.sweep, "role": "sweep", "status": "running"},
-                params={k: str(v) for k, v in self.sweep_params.items()},
-            )
-        j.start()
+    @property
+    def journal(self) -> Journal:
+        return journals.live(self.folder)
 
     def setup(self, **info) -> None:
-        self.start()
+        _ACTIVE[self.sweep] = self
+        open_parent(self.journal, self.sweep_params)
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if self._first_step:
@@ -119,7 +122,6 @@ class MLflowCallback(tune.Callback):
             ts=now_ms(),
             trial_id=trial.trial_id,
             config=_plain(trial.config),
-            trial_dir=str(trial.storage.trial_fs_path) if getattr(trial, "storage", None) else None,
             tags={
                 "sweep": self.sweep,
                 "trial_id": trial.trial_id,
@@ -159,13 +161,7 @@ class MLflowCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.ended.add(trial.trial_id)
         last = trial.last_result or {}
-        planned = trial_config(trial.config, self.base, self.baseline).epochs
-        if last.get("failure"):
-            kind = str(last["failure"])  # oom
-        elif last.get("diverged"):
-            kind = "diverged"
-        else:
-            kind = "completed" if last.get("epoch", 0) >= planned else "early_stopped"
+        kind = outcome_of(last, trial_config(trial.config, self.base, self.baseline).epochs)
         mlflow_status = "FINISHED" if kind in ("completed", "early_stopped") else "FAILED"
         tags = {"stopped_by": "asha"} if kind == "early_stopped" else {}
         if last.get("error"):
@@ -192,46 +188,65 @@ class MLflowCallback(tune.Callback):
         # This Tuner's trials; one that never reported its end was cut short by an interruption.
         self.trial_statuses = {t.trial_id: t.status if t.trial_id in self.ended else "INTERRUPTED" for t in trials}
 
-    def close_orphans(self, interrupted: bool) -> int:
-        """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
-        orphans = self.journal.open_trials()
-        for t in orphans:
-            self.journal.append("log", t.key, tags=[["status", "interrupted"]])
-            self.journal.append("status", t.key, status="KILLED", ts=now_ms())
-        if interrupted and self.journal.has_run(SWEEP_KEY):
-            self.journal.append("log", SWEEP_KEY, tags=[["status", "interrupted"]])
-            self.journal.append("status", SWEEP_KEY, status="KILLED", ts=now_ms())
-        return len(orphans)
 
-    def log_summary(self, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
-        """The best configuration (`best/*` params and scores), outcome counts and artifacts, on the parent."""
-        ts = now_ms()
-        metrics = [[f"trials/{k}", float(v), ts, 0] for k, v in summary["outcomes"].items()]
-        params = []
-        if best is not None:
-            params = [[f"best/{k}", str(v)] for k, v in best["config"].items() if k != "tags"]
-            params.append(["best/trial_id", best["trial_id"]])
-            for k in ("val/acc", "test/acc"):
-                if finite(best.get(k)):
-                    metrics.append([f"best/{k}", float(best[k]), ts, 0])
-            conf = best.get("confirmation") or {}
-            for k in ("test_mean", "test_std", "n"):
-                if k in conf:
-                    metrics.append([f"best/confirm/{k}", float(conf[k]), ts, 0])
-        if finite(summary.get("baseline_test_acc")):
-            metrics.append(["baseline/test/acc", float(summary["baseline_test_acc"]), ts, 0])
-        for k, v in (summary.get("data") or {}).items():
-            metrics.append([f"data/{k}", float(v), ts, 0])
-        self.journal.append("log", SWEEP_KEY, metrics=metrics, params=params)
-        self.log_files(files)
+# --- the parent run: written by the driver around the Tuners' fits ------------------------------
 
-    def log_files(self, files: list[tuple[Path, str | None]]) -> None:
-        for f, artifact_dir in files:
-            self.journal.append("artifact", SWEEP_KEY, path=str(Path(f).resolve()), dir=artifact_dir)
 
-    def close_parent(self, status: str = "completed") -> None:
-        self.journal.append("log", SWEEP_KEY, tags=[["status", status]])
-        self.journal.append("status", SWEEP_KEY, status="FINISHED", ts=now_ms())
+def open_parent(journal: Journal, sweep_params: dict) -> None:
+    """The sweep's parent run: created once, reopened by --resume; starts the journal's writer."""
+    if journal.has_run(SWEEP_KEY):
+        journal.append("status", SWEEP_KEY, status="RUNNING", ts=now_ms())
+        journal.append("log", SWEEP_KEY, tags=[["status", "running"]])
+    else:
+        journal.append(
+            "create_run",
+            SWEEP_KEY,
+            name=journal.sweep,
+            ts=now_ms(),
+            tags={"sweep": journal.sweep, "role": "sweep", "status": "running"},
+            params={k: str(v) for k, v in sweep_params.items()},
+        )
+    journal.start()
+
+
+def close_orphans(journal: Journal, interrupted: bool) -> int:
+    """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
+    orphans = journal.open_trials()
+    for t in orphans:
+        journal.append("log", t.key, tags=[["status", "interrupted"]])
+        journal.append("status", t.key, status="KILLED", ts=now_ms())
+    if interrupted and journal.has_run(SWEEP_KEY):
+        journal.append("log", SWEEP_KEY, tags=[["status", "interrupted"]])
+        journal.append("status", SWEEP_KEY, status="KILLED", ts=now_ms())
+    return len(orphans)
+
+
+def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
+    """The best configuration (`best/*` params and scores), outcome counts and artifacts, on the parent."""
+    ts = now_ms()
+    metrics = {f"trials/{k}": v for k, v in summary["outcomes"].items()}
+    params = []
+    if best is not None:
+        params = [[f"best/{k}", str(v)] for k, v in best["config"].items() if k != "tags"]
+        params.append(["best/trial_id", best["trial_id"]])
+        metrics |= {f"best/{k}": best.get(k) for k in ("val/acc", "test/acc")}
+        conf = best.get("confirmation") or {}
+        metrics |= {f"best/confirm/{k}": conf.get(k) for k in ("test_mean", "test_std", "n")}
+    metrics["baseline/test/acc"] = summary.get("baseline_test_acc")
+    metrics |= {f"data/{k}": v for k, v in (summary.get("data") or {}).items()}
+    rows = [[k, float(v), ts, 0] for k, v in only_finite(metrics).items()]  # a one-run std (NaN) is not logged
+    journal.append("log", SWEEP_KEY, metrics=rows, params=params)
+    log_files(journal, files)
+
+
+def log_files(journal: Journal, files: list[tuple[Path, str | None]]) -> None:
+    for f, artifact_dir in files:
+        journal.append("artifact", SWEEP_KEY, path=str(Path(f).resolve()), dir=artifact_dir)
+
+
+def close_parent(journal: Journal, status: str = "completed") -> None:
+    journal.append("log", SWEEP_KEY, tags=[["status", status]])
+    journal.append("status", SWEEP_KEY, status="FINISHED", ts=now_ms())
 
 
 def _plain(config: dict) -> dict:
@@ -241,12 +256,15 @@ def _plain(config: dict) -> dict:
 class ProgressCallback(tune.Callback):
     """One line per trial update and a sweep-level count, on stdout."""
 
-    def __init__(self, total: int, max_epochs: int, base: TrainConfig, baseline: TrainConfig) -> None:
-        self.total, self.max_epochs, self.base, self.baseline = total, max_epochs, base, baseline
+    def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig) -> None:
+        self.total, self.base, self.baseline = total, base, baseline
         self.done = 0
         self.best = -math.inf
         self._counted = False
         self.started = time.monotonic()
+
+    def setup(self, **info) -> None:
+        self.started = time.monotonic()  # this driver's clock, also for callbacks a restore unpickled
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self._counted:  # a resumed sweep starts with its finished trials counted, and their best

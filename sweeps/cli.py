@@ -1,0 +1,375 @@
+"""The sweep scripts' command line: flags -> a frozen Settings, every value checked before Ray starts.
+
+    python sweeps/cifar10.py --num-samples 40
+    python sweeps/catdog.py --smoke-test --data-dir data
+
+Exit codes: 0 success; 1 some trials failed or MLflow writes are still spooled; 2 bad flags or
+unusable input (one line on stderr naming the flag or file, before anything is written); 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+from cnnclf.config import ConfigError, TrainConfig, name_error
+from sweeps import store
+from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
+from sweeps.spec import SEARCH_PARAMS, TaskSpec
+
+
+def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
+    try:
+        return _main(spec, sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
+        print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(spec: TaskSpec, argv: list[str]) -> int:
+    args = build_parser(spec).parse_args(argv)
+    check_args(args)
+    if args.sync:
+        return sync(spec, args)
+    s, load = settings(spec, args)
+    if s.address is not None:
+        check_reachable(s.address, s.connect_timeout)  # before the data is read: a typo costs seconds
+    from cnnclf.data import DataError, load_task  # torch: after the flags, so a typo is answered at once
+
+    try:
+        data = load_task(spec.task, args.data_dir, download_missing=not args.no_download, **load)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    print(
+        f"{spec.task}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test images "
+        f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
+        flush=True,
+    )
+    tracking("prepare", s.tracking_uri)
+    return run_sweep(s, data)
+
+
+def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
+    """The sweep's Settings and `load_task`'s keyword arguments; UsageError for anything unusable."""
+    from sweeps.faults import load as load_faults
+
+    try:
+        faults = tuple(load_faults())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    v = dict(vars(args), tracking_uri=args.tracking_uri or store.DEFAULT_URI)
+    # A trial's epochs and ASHA's max_t are one setting: with epochs above max_t every trial would be
+    # stopped before its last epoch, with no test metrics, and its reproduce command would be wrong.
+    fixed_epochs = parse_fix(args.fix, spec.base).get("epochs")
+    if fixed_epochs is not None and args.max_epochs is not None and fixed_epochs != args.max_epochs:
+        raise UsageError(
+            f"argument --fix: epochs={fixed_epochs} disagrees with --max-epochs {args.max_epochs}; "
+            "they are one setting, give one of them"
+        )
+    v["max_epochs"] = fixed_epochs or args.max_epochs or spec.default_max_epochs
+    base, ranges, load = spec.base.replace(epochs=v["max_epochs"], seed=args.seed), spec.ranges, {"subset": args.subset}
+    if args.smoke_test:
+        v.update(num_samples=2, max_epochs=1, confirm=min(args.confirm, 1), confirm_top=1)  # confirmation exercised
+        ranges, base = spec.smoke_ranges, base.replace(epochs=1, image_size=spec.smoke_image_size)
+        load = {"subset": args.subset or 256, "eval_subset": 128}
+    fixed = parse_fix(args.fix, base)
+    if args.smoke_test:
+        fixed.pop("epochs", None)  # the smoke test trains one epoch, whatever was fixed
+    base = base.replace(**{k: f for k, f in fixed.items() if k not in SEARCH_PARAMS})
+    baseline = spec.baseline.replace(
+        epochs=min(spec.baseline.epochs, v["max_epochs"]), image_size=base.image_size, seed=args.seed
+    )
+    _check_fit(base, baseline, args)
+    v["name"] = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    v["storage"] = storage_uri(args.storage_path)
+    _check_places(v)
+    load |= {"image_size": base.image_size, "val_fraction": base.val_fraction, "test_fraction": base.test_fraction}
+    load["seed"] = args.seed
+    v |= {"base": base, "baseline": baseline, "ranges": ranges, "fixed": fixed, "faults": faults}
+    return _build(spec, v), load
+
+
+def _build(spec: TaskSpec, v: dict) -> Settings:
+    """Settings from the resolved flags `v` (with base, baseline, ranges, fixed and faults added)."""
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    argv += [] if "--name" in argv else ["--name", v["name"]]
+    derived = ("base", "baseline", "ranges", "fixed", "faults")
+    logged = {k: (x if isinstance(x, int | float | str) else str(x)) for k, x in v.items() if k not in derived}
+    fields = {f.name for f in dataclasses.fields(Settings)} & v.keys()
+    return Settings(
+        **{k: v[k] for k in fields},
+        spec=spec,
+        with_baseline=not v["no_baseline"],
+        params={k: x for k, x in logged.items() if k != "storage"},
+        resume_command=shlex.join([sys.executable, sys.argv[0], *argv, "--resume"]),
+    )
+
+
+def _check_fit(base: TrainConfig, baseline: TrainConfig, args: argparse.Namespace) -> None:
+    from cnnclf.train import check_model_fits
+
+    for what, cfg in (("argument --fix", base), ("the baseline", baseline)):
+        try:
+            check_model_fits(cfg)
+        except ValueError as e:
+            raise UsageError(f"{what}: {e}") from None
+    if args.address is None and (args.gpus_per_trial or 0) > 0:
+        import torch
+
+        local = args.ray_num_gpus if args.ray_num_gpus is not None else torch.cuda.device_count()
+        if not local:
+            raise UsageError("argument --gpus-per-trial: this machine has no GPU (join a cluster with --address)")
+
+
+def _check_places(v: dict) -> None:
+    """The storage path, --out, the tracking store and the sweep's name, before anything is written."""
+    from sweeps.resume import can_restore
+
+    name, storage, out = v["name"], v["storage"], v["out"]
+    if "://" not in storage and Path(storage).exists() and not Path(storage).is_dir():
+        raise UsageError(f"argument --storage-path: {storage} is a file, not a folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, not a folder")
+    tracking("check", v["tracking_uri"])
+    journal_dir = out / name / "journal"
+    path = f"{storage.rstrip('/')}/{name}"
+    if v["resume"] and not (can_restore(path) or (journal_dir / "ops.jsonl").exists()):
+        raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
+    exists = ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists()
+    if not v["resume"] and exists:
+        raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
+
+
+def tracking(step: str, uri: str) -> None:
+    """store.check (`check`) or store.prepare (`prepare`), its error as exit 2 naming --tracking-uri."""
+    try:
+        store.check(uri, write=True) if step == "check" else store.prepare(uri)
+    except store.StoreError as e:
+        raise UsageError(f"argument --tracking-uri: {e}") from None
+
+
+def storage_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Wait up to `timeout` seconds for the cluster's port to accept a TCP connection; exit 2 if it never does.
+
+    Ray's own connect retries for many minutes, and in C++ where SIGTERM is not seen.
+    """
+    if address == "auto":
+        return  # the address of a cluster started on this machine, read from its session files
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as e:
+            if left <= 1.0:
+                raise UsageError(
+                    f"argument --address: nothing answers at {address} after {timeout:g} s "
+                    f"({e.strerror or type(e).__name__}); check the address, or raise --connect-timeout"
+                ) from None
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
+    """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
+    from sweeps.driver import quiet_mlflow_http
+    from sweeps.finish import write_report
+    from sweeps.journal import Journal
+
+    folder = args.out / args.name / "journal"
+    if not (folder / "ops.jsonl").exists():
+        raise UsageError(f"argument --name: no journal of a sweep {args.name!r} under {args.out}")
+    meta = Journal(folder, "", "", args.name, verbose=False).meta
+    uri = args.tracking_uri or meta.get("tracking_uri") or store.DEFAULT_URI
+    tracking("check", uri)
+    tracking("prepare", uri)
+    quiet_mlflow_http()
+    journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
+    todo = journal.pending()
+    journal.start()
+    left = journal.close(timeout=max(args.mlflow_wait, 1.0))
+    print(f"{args.name}: wrote {todo - left} of {todo} spooled MLflow writes to {uri}", flush=True)
+    if left:
+        print(f"{spec.task} sweep: error: {left} MLflow writes are still spooled in {folder}", file=sys.stderr)
+        return EXIT_FAILED
+    if meta.get("finished") and not (args.out / args.name / "report.html").exists():
+        journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
+        journal.start()
+        write_report(journal, args.out / args.name)
+        if journal.close(timeout=max(args.mlflow_wait, 1.0)):
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def parse_fix(items: list[str], base: TrainConfig) -> dict:
+    """`--fix name=value` pairs, typed by TrainConfig's field; raises UsageError on a bad name or value."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    allowed = sorted(set(types) - {"task", "tags", "subset", "seed"})
+    fixed: dict = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not raw:
+            raise UsageError(f"argument --fix: expected name=value, got {item!r}")
+        if name not in allowed:
+            raise UsageError(f"argument --fix: unknown parameter {name!r}; known: {', '.join(allowed)}")
+        fixed[name] = _typed(name, raw, types[name])
+    try:
+        base.replace(**fixed)
+    except ConfigError as e:
+        raise UsageError(f"argument --fix: {e}") from None
+    if fixed.get("optimizer") == "sgd" and "amsgrad" in fixed:
+        raise UsageError("argument --fix: amsgrad only applies to adam and adamw")
+    if fixed.get("optimizer") in ("adam", "adamw") and "momentum" in fixed:
+        raise UsageError("argument --fix: momentum only applies to sgd")
+    return fixed
+
+
+def _typed(name: str, raw: str, kind: str) -> object:
+    try:
+        if name == "model":
+            from cnnclf.models import model_names
+
+            if raw not in model_names():
+                raise UsageError(f"argument --fix: unknown model {raw!r}; known: {', '.join(model_names())}")
+        if "bool" in kind:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            if not math.isfinite(value := float(raw)):
+                raise ValueError(raw)
+            return value
+        return raw
+    except ValueError:
+        raise UsageError(f"argument --fix: {name}={raw!r} is not a valid {kind}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        raise UsageError(message)
+
+
+def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"sweeps/{spec.task}.py",
+        description=f"Ray Tune + Optuna sweep of cnnclf on {spec.task}; every trial in MLflow.",
+        epilog=spec.doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _search_flags(p, spec)
+    _resource_flags(p)
+    _place_flags(p, spec)
+    return p
+
+
+def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
+    p.add_argument("--num-samples", type=int, default=40, help="search trials (the seed baseline runs on top)")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help=f"epochs per trial; ASHA's max_t (default {spec.default_max_epochs}; --fix epochs=N is the same setting)",
+    )
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
+    p.add_argument("--confirm", type=int, default=3, help="retrain the top configs with this many fresh seeds (0: off)")
+    p.add_argument("--confirm-top", type=int, default=3, help="how many top configs --confirm retrains")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke-test", action="store_true", help="2 trials + baseline, 1 epoch, small subset")
+
+
+def _resource_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="fractional packs trials onto a GPU (0.25: four per GPU); default 0.5 with GPUs, else 0",
+    )
+    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
+    p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the cluster at --address")
+    p.add_argument("--ray-num-gpus", type=float, default=None, help=argparse.SUPPRESS)  # declare GPUs (tests)
+
+
+def _place_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
+    p.add_argument(
+        "--storage-path",
+        default=os.environ.get("CNNCLF_STORAGE_PATH", "ray_results"),
+        help="local folder, NFS path or s3://bucket/prefix (default: $CNNCLF_STORAGE_PATH, else ./ray_results)",
+    )
+    p.add_argument("--name", default=None, help="sweep name (default: task-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: {store.DEFAULT_URI})")
+    p.add_argument(
+        "--mlflow-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait at the end for an unreachable MLflow server before leaving writes spooled",
+    )
+    p.add_argument("--sync", action="store_true", help="write what sweep --name spooled while MLflow was down")
+    p.add_argument("--experiment", default=spec.task)
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--subset", type=int, default=None, help="train on this many training images")
+    p.add_argument("--out", type=Path, default=Path("reports/out"), help="best config (and report) go to OUT/<name>/")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    def need(ok: bool, flag: str, why: str) -> None:
+        if not ok:
+            raise UsageError(f"argument {flag}: {why}")
+
+    for flag in ("num_samples", "grace_period", "confirm_top"):
+        need(getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
+    for flag in ("max_failures", "confirm", "mlflow_wait"):
+        need(getattr(args, flag) >= 0, "--" + flag.replace("_", "-"), "expected >= 0")
+    for flag in ("max_epochs", "max_concurrent"):
+        need(getattr(args, flag) is None or getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
+    need(args.cpus_per_trial > 0 and math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected > 0")
+    gpus = args.gpus_per_trial
+    need(gpus is None or (gpus >= 0 and math.isfinite(gpus)), "--gpus-per-trial", "expected a number >= 0")
+    need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")
+    need(not args.resume or args.name is not None, "--resume", "needs --name of the sweep to continue")
+    need(not args.sync or args.name is not None, "--sync", "needs --name of the sweep to write")
+    need(not (args.sync and args.resume), "--sync", "cannot be combined with --resume")
+    need(args.connect_timeout > 0 and math.isfinite(args.connect_timeout), "--connect-timeout", "expected > 0")
+    if args.name is not None:
+        need(name_error(args.name) is None, "--name", name_error(args.name) or "")
+    need(args.experiment.strip() != "", "--experiment", "expected a name")
+    if args.address is not None:
+        need(
+            args.address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.address) is not None,
+            "--address",
+            f"expected auto, host:port or ray://host:port, got {args.address!r}",
+        )
+        # ray:// needs the Ray Client's gRPC (what `ray.init` checks, through a private Ray helper).
+        need(
+            not args.address.startswith("ray://") or importlib.util.find_spec("grpc") is not None,
+            "--address",
+            "ray:// needs the Ray Client: pip install 'ray[client]' (or run on the head with --address auto)",
+        )

@@ -1,0 +1,357 @@
+"""The driver: start Ray, fit the search Tuner, confirm the best with fresh seeds, finish.
+
+    run_sweep(settings, data) -> exit code
+
+Data flow: the driver decodes the data once (cnnclf's cache), puts it into the Ray object store
+through `tune.with_parameters`, and each trial moves it to its device once. Trials report every
+epoch to Tune with a checkpoint; a driver-side Tune callback (sweeps/callbacks.py) writes one
+parent run per sweep and one nested child run per trial through the sweep's journal, so only the
+driver ever touches the tracking store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnclf.config import TrainConfig
+from sweeps import callbacks, resume
+from sweeps.finish import collect, confirm_configs, finish, rank
+from sweeps.journal import Journal
+from sweeps.searchers import FixedConfigs, Space, close_study, make_searcher
+from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
+from sweeps.trainable import TrialSetup, run_trial
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad flags or unusable input: exit 2 with this one-line message."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One sweep, as the command line resolved it (sweeps/cli.py); nothing changes it afterwards."""
+
+    spec: TaskSpec
+    name: str
+    storage: str  # a local folder (absolute) or a URI
+    out: Path  # the sweep's files go to out/name
+    tracking_uri: str
+    experiment: str
+    base: TrainConfig  # search trials are base.replace(**suggested)
+    baseline: TrainConfig  # the seed, re-measured on the sweep's data (its epochs capped at max_epochs)
+    with_baseline: bool  # False: --no-baseline
+    ranges: Ranges
+    fixed: dict  # --fix
+    num_samples: int
+    max_epochs: int
+    scheduler: str  # asha | fifo
+    grace_period: int
+    confirm: int  # fresh seeds per confirmed configuration (0: off)
+    confirm_top: int
+    cpus_per_trial: float
+    gpus_per_trial: float | None  # None: 0.5 with GPUs, else 0
+    max_concurrent: int | None
+    max_failures: int
+    seed: int
+    resume: bool
+    address: str | None
+    connect_timeout: float
+    ray_num_gpus: float | None
+    mlflow_wait: float
+    faults: tuple = ()
+    params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
+    resume_command: str = ""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out / self.name
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+@dataclass
+class Sweep:
+    """A running sweep: its settings, journal and the trainable every Tuner runs."""
+
+    s: Settings
+    journal: Journal
+    arrays: dict
+    gpus: float
+
+    def trainable(self, experiment_path: str):
+        from ray import tune
+
+        s = self.s
+        setup = TrialSetup(s.base, s.baseline, experiment_path, s.faults, self.journal.finished_trial_ids())
+        return tune.with_resources(
+            tune.with_parameters(run_trial, data=self.arrays, setup=setup), {"cpu": s.cpus_per_trial, "gpu": self.gpus}
+        )
+
+    def interrupted(self) -> int:
+        callbacks.close_orphans(self.journal, interrupted=True)
+        left = self.journal.close(timeout=min(self.s.mlflow_wait, 10.0))
+        spooled = f" ({left} MLflow writes spooled in {self.journal.folder})" if left else ""
+        print(
+            f"\nsweep {self.s.name} interrupted; its state is saved{spooled}. Resume with:\n  {self.s.resume_command}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+def run_sweep(s: Settings, data) -> int:
+    import ray
+
+    with ray_session(s):
+        journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
+        if not journal.meta:
+            meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
+            journal.append("meta", data=meta)
+        try:
+            sweep = Sweep(s, journal, _shared_arrays(s, data), _gpus(s, ray.cluster_resources().get("GPU", 0)))
+            try:
+                return _run(sweep, data)
+            except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
+                return sweep.interrupted()
+            except BaseException:
+                callbacks.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
+                journal.close(timeout=min(s.mlflow_wait, 10.0))
+                raise
+        finally:
+            journal.close(timeout=0)
+
+
+def _run(sweep: Sweep, data) -> int:
+    """Search, confirm, finish: the sweep's whole normal path."""
+    s = sweep.s
+    total = s.num_samples + s.with_baseline
+    results, statuses = _fit(sweep, s.path, _search_tuner, total, ("trial", "baseline"))
+    if results is None:
+        return sweep.interrupted()
+    close_study(s.out_dir / "optuna.db", s.name)
+    rows = collect(results, s.base, s.baseline)
+    confirm = confirm_configs(rank(rows), s.confirm_top, s.confirm, s.seed) if s.confirm else []
+    if confirm:
+        # The top configurations again with fresh seeds (same data and splits), so no claim rests on
+        # one lucky run. A second Tuner in the same Ray session; FIFO, no search.
+        print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
+        cresults, cstatuses = _fit(sweep, f"{s.path}-confirm", _confirm_tuner(confirm), len(confirm), ("confirm",))
+        if cresults is None:
+            return sweep.interrupted()
+        rows += collect(cresults, s.base, s.baseline)
+        statuses = {**statuses, **cstatuses}
+    callbacks.close_orphans(sweep.journal, interrupted=False)
+    summary = finish(rows, statuses, s.out_dir, sweep.journal, data, wait=s.mlflow_wait)
+    return _exit_code(sweep, summary)
+
+
+def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...]):
+    """Fit the Tuner at `path` (restored on --resume) to `total` trials; (results, statuses), or (None, {})
+    when it was interrupted (Tune returns normally after Ctrl-C, with trials still pending or running)."""
+    s, name = sweep.s, Path(path).name
+    tuner, known = None, set()
+    if s.resume:
+        study = s.out_dir / "optuna.db" if name == s.name else None
+        tuner, known = resume.restore(path, sweep.trainable(path), study)
+    tuner = tuner or new_tuner(sweep, path, total)
+    resume.adopt(sweep.journal, name, path, known, roles)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        return None, {}
+    statuses = dict(callbacks.active(s.name).trial_statuses)
+    if len(statuses) < total or any(v not in ("TERMINATED", "ERROR") for v in statuses.values()):
+        return None, {}
+    return results, statuses
+
+
+def _search_tuner(sweep: Sweep, path: str, total: int):
+    from ray.tune.schedulers import FIFOScheduler
+
+    s = sweep.s
+    baseline = None
+    if s.with_baseline:
+        baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
+    space = Space(s.ranges, s.fixed, experiment=s.name)
+    searcher = make_searcher(space, baseline, s.seed, s.out_dir / "optuna.db", s.max_concurrent)
+    scheduler = FIFOScheduler()
+    if s.scheduler == "asha":
+        grace = min(s.grace_period, s.max_epochs)
+        scheduler = callbacks.SweepASHA(
+            time_attr="epoch", metric=METRIC, mode=MODE, max_t=s.max_epochs, grace_period=grace, reduction_factor=3
+        )
+    return _tuner(sweep, path, total, searcher, scheduler)
+
+
+def _confirm_tuner(configs: list[dict]):
+    def new_tuner(sweep: Sweep, path: str, total: int):
+        return _tuner(sweep, path, total, FixedConfigs(Path(path).name, configs), None)
+
+    return new_tuner
+
+
+def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
+    from ray import tune
+
+    s = sweep.s
+    mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params)
+    progress = callbacks.ProgressCallback(total, s.base, s.baseline)
+    return tune.Tuner(
+        sweep.trainable(path),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=total,
+            reuse_actors=True,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=Path(path).name,
+            storage_path=s.storage,
+            callbacks=[mlflow_cb, progress],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            # Tune keeps every checkpoint; each trial prunes its own, with a lag (sweeps/trainable.py).
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+            verbose=0,
+        ),
+    )
+
+
+def _exit_code(sweep: Sweep, summary: dict) -> int:
+    s, journal = sweep.s, sweep.journal
+    left = journal.close(timeout=s.mlflow_wait)
+    if left:
+        sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", s.name, "--out", str(s.out)])
+        print(
+            f"{s.spec.task} sweep: error: MLflow at {s.tracking_uri} stayed unreachable; {left} writes are "
+            f"kept in {journal.folder}. Once it is back: {sync_cmd}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if journal.rejected:
+        print(f"{s.spec.task} sweep: error: MLflow refused {journal.rejected} writes; see {journal.rejected_path}")
+        return EXIT_FAILED
+    return EXIT_FAILED if summary["failed"] else EXIT_OK
+
+
+def _shared_arrays(s: Settings, data) -> dict:
+    """TaskData's fields as arrays: what `tune.with_parameters` puts into the object store once."""
+    if s.base.normalize == "dataset" or s.baseline.normalize == "dataset":
+        data.train_stats()  # once here, not once per trial
+    return {
+        f.name: getattr(data, f.name).numpy() if hasattr(getattr(data, f.name), "numpy") else getattr(data, f.name)
+        for f in dataclasses.fields(data)
+    }
+
+
+def _gpus(s: Settings, available: float) -> float:
+    gpus = s.gpus_per_trial if s.gpus_per_trial is not None else (0.5 if available else 0.0)
+    if gpus > 0 and not available and s.address is None:
+        raise UsageError("argument --gpus-per-trial: the Ray cluster has no GPUs")
+    if gpus > 0 and not available:
+        # cluster.yaml scales GPU workers from zero: trials waiting for a GPU make the autoscaler add one.
+        print("no GPU node in the cluster yet; the trials wait for the autoscaler to add one", flush=True)
+    return gpus
+
+
+@contextlib.contextmanager
+def ray_session(s: Settings):
+    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
+    at the end. SIGTERM then takes Ctrl-C's path."""
+    import optuna
+    import ray
+
+    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_mlflow_http()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
+    if s.ray_num_gpus is not None:
+        init_kw["num_gpus"] = s.ray_num_gpus
+    try:
+        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
+            ray.init(**init_kw)
+    except Exception as e:
+        if s.address is None:
+            raise
+        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
+    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, task: str, address: str | None):
+    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
+
+    Nothing of the sweep has been written yet, so a hard exit loses nothing.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def give_up() -> None:
+        print(
+            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
+            f"within {seconds:g} s; check the address, or raise --connect-timeout",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_USAGE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def sigterm_as_sigint() -> None:
+    """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
+    runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
+    import signal
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
+        signal.signal(signal.SIGTERM, handler)
+
+
+def quiet_mlflow_http() -> None:
+    # The journal retries on its own, forever and in the background; MLflow's own retries
+    # (7, with exponential backoff) would only hide an outage for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _trial_dirname(trial) -> str:
+    return f"{trial.config.get('role', 'trial')}-{trial.trial_id}"  # Tune's default packs the config into it
+
+
+def _baseline_keys() -> set[str]:
+    """The baseline preset's training fields; data fields (resolution, splits, subset, seed) come from the sweep."""
+    data_fields = {"task", "tags", "image_size", "val_fraction", "test_fraction", "subset", "seed"}
+    return {f.name for f in dataclasses.fields(TrainConfig)} - data_fields

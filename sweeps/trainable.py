@@ -1,0 +1,216 @@
+"""The trainable: one Tune trial runs `cnnclf.train.train` in a Ray worker, reporting every epoch
+with a checkpoint, and resumes from the newest complete checkpoint it can find.
+
+Checkpoints load with `weights_only=True` (cnnclf.train.load_checkpoint): one that holds anything
+but tensors and plain types is ignored, never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnclf.config import TrainConfig
+from sweeps.faults import fire
+from sweeps.spec import METRIC, trial_config
+
+CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.json"
+KEEP_RECENT_S = 300.0  # well beyond Tune's experiment snapshot period (10 s or more, "auto")
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares besides the data, handed to Tune through `tune.with_parameters`."""
+
+    base: TrainConfig
+    baseline: TrainConfig
+    experiment_path: str
+    faults: tuple = ()
+    finished: frozenset[str] = frozenset()  # trial ids the journal saw end (ASHA stops after Tune's snapshot)
+
+
+def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
+    """`data`: TaskData's fields as arrays, in the Ray object store once and shared by a node's trials."""
+    import ray
+    import torch
+    from ray import tune
+
+    cfg = trial_config(config, setup.base, setup.baseline)
+    ctx = ray.get_runtime_context()
+    assigned = ctx.get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    extra = {
+        "resources/gpu": float(assigned.get("GPU", 0)),
+        "resources/cpu": float(assigned.get("CPU", 0)),
+        "node_id": ctx.get_node_id(),
+    }
+    trial_id = tune.get_context().get_trial_id()
+    own_folder = None
+    if "://" not in setup.experiment_path:
+        own_folder = Path(setup.experiment_path) / f"{config.get('role', 'trial')}-{trial_id}"
+    found = _resume_point(config, own_folder, extra)
+    ended = bool((config.get("adopt") or {}).get("ended")) or trial_id in setup.finished
+    if found is not None and (found[1]["epoch"] >= cfg.epochs or ended) and METRIC in found[1]:
+        return  # the trial had ended before the driver went down; it is not trained twice
+
+    def report(epoch: int, metrics: dict, save) -> None:
+        m = {**metrics, **extra}
+        fire(list(setup.faults), "epoch_end", config, epoch)
+        if m.get("diverged"):
+            # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
+            # one; with 0.0 both treat the trial as the worst, and TPE learns to avoid it.
+            m.update({METRIC: 0.0, "val/loss": float("inf"), "train/loss": float("inf")})
+        if save is None:
+            tune.report(m)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save(Path(d) / CHECKPOINT_FILE)
+            fire(list(setup.faults), "checkpoint", config, epoch)
+            (Path(d) / METRICS_FILE).write_text(json.dumps(m))  # beside the state: replayed after a crash
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+        if own_folder is not None:
+            prune_checkpoints(own_folder)
+
+    failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0])
+    if failure is not None:
+        tune.report({"epoch": 0, METRIC: 0.0, **failure, **extra})
+
+
+def _task_data(arrays: dict):
+    import torch
+
+    from cnnclf.data import TaskData
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # object-store arrays are read-only; nothing writes to them
+        return TaskData(**{k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in arrays.items()})
+
+
+def _resume_point(config: dict, own_folder: Path | None, extra: dict) -> tuple[dict, dict] | None:
+    """(state, metrics) of the newest complete checkpoint: Tune's, a newer one in this trial's folder
+    (written after Tune's last snapshot), or one of the trial this one continues (`adopt`).
+
+    Epochs that finished after the driver's last look (it went down) are reported again, in order,
+    so nothing they measured is lost (the MLflow writer skips epochs it has logged); the newest goes
+    with its checkpoint, so Tune knows it from now on.
+    """
+    from ray import tune
+
+    folders = [Path(d) for d in (config.get("adopt") or {}).get("dirs", [])]
+    if own_folder is not None:
+        folders.append(own_folder)
+    found, tune_epoch = None, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            found = read_checkpoint(Path(d))
+        tune_epoch = found[1]["epoch"] if found else 0
+    on_disk = checkpoint_dirs(folders)
+    for epoch in sorted((e for e in on_disk if e > tune_epoch), reverse=True):
+        if (newer := read_checkpoint(on_disk[epoch])) is not None:
+            found = newer
+            break
+    if found is not None and found[1]["epoch"] > tune_epoch:
+        for epoch in sorted(e for e in on_disk if tune_epoch < e < found[1]["epoch"]):
+            with contextlib.suppress(OSError, ValueError):
+                tune.report({**json.loads((on_disk[epoch] / METRICS_FILE).read_text()), **extra, "replayed": 1.0})
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint_dir(Path(d), found[0], {**found[1], **extra})
+            tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
+    return found
+
+
+def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None) -> dict | None:
+    """`cnnclf.train.train`, with running out of device memory turned into a recorded failure.
+
+    Out of memory is a property of the configuration (batch, width), not bad luck: retrying
+    cannot help. The trial's tensors are freed (they live in train()'s frame, gone once the
+    exception is caught) and the allocator's cache emptied, so that later trials get the memory;
+    the result is the worst score for Optuna, so TPE learns. Returns None when training ran.
+    """
+    import gc
+
+    import torch
+
+    from cnnclf.train import train
+
+    try:
+        train(cfg, data, report, device=device, resume=resume)
+        return None
+    except torch.OutOfMemoryError as e:
+        message = str(e).splitlines()[0][:300] if str(e) else "out of memory"
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    allocated = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {"failure": "oom", "error": f"torch.OutOfMemoryError: {message}", "resources/gpu_mem_after_mb": allocated}
+
+
+def prune_checkpoints(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete a trial's old checkpoints: keep the newest, the best by val/acc, and all from the last
+    KEEP_RECENT_S seconds.
+
+    Tune itself keeps them all (num_to_keep=None) because its own pruning deletes a checkpoint
+    before its next experiment snapshot stops pointing at it: a driver killed in between leaves a
+    trial that cannot be restored. Pruning with a lag longer than the snapshot period avoids that.
+    """
+    now = time.time() if now is None else now
+    found = []
+    for d in folder.glob("checkpoint_*"):
+        try:
+            m = json.loads((d / METRICS_FILE).read_text())
+            found.append((m.get("epoch", 0), m.get(METRIC, -1.0), d.stat().st_mtime, d))
+        except (OSError, ValueError):
+            continue  # being written, or cut short: not ours to judge
+    if len(found) <= 2:
+        return []
+    keep = {max(found, key=lambda f: f[0])[3], max(found, key=lambda f: (f[1], f[0]))[3]}
+    gone = []
+    for _epoch, _acc, mtime, d in found:
+        if d not in keep and now - mtime > KEEP_RECENT_S:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
+    """(state, metrics) of a checkpoint folder, or None when it is incomplete, unreadable or not ours."""
+    from cnnclf.train import CheckpointError, load_checkpoint
+
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        state = load_checkpoint(folder / CHECKPOINT_FILE)  # weights_only: nothing in it runs
+    except CheckpointError as e:  # cut short by a crash, or not ours: the trial does without it
+        print(f"ignoring checkpoint: {e}", file=sys.stderr, flush=True)
+        return None
+    except (OSError, ValueError):  # no metrics file yet: a write cut short by a crash
+        return None
+    return (state, metrics) if state.get("epoch") == metrics.get("epoch") else None
+
+
+def checkpoint_dirs(folders: list[Path]) -> dict[int, Path]:
+    """epoch -> the newest checkpoint folder of that epoch with readable metrics, across `folders`."""
+    found: dict[int, tuple[float, Path]] = {}
+    for folder in folders:
+        for d in folder.glob("checkpoint_*") if folder.is_dir() else ():
+            with contextlib.suppress(OSError, ValueError):
+                epoch = int(json.loads((d / METRICS_FILE).read_text()).get("epoch", 0))
+                mtime = d.stat().st_mtime
+                if epoch > 0 and (epoch not in found or mtime > found[epoch][0]):
+                    found[epoch] = (mtime, d)
+    return {e: d for e, (_, d) in found.items()}
+
+
+def write_checkpoint_dir(folder: Path, state: dict, metrics: dict) -> None:
+    from cnnclf.train import save_checkpoint
+
+    save_checkpoint(state, folder / CHECKPOINT_FILE)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics))

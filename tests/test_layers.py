@@ -1,0 +1,27 @@
+"""The import contracts in pyproject.toml ([tool.importlinter]) hold.
+
+`cnnclf` imports no Ray, Optuna, MLflow, sweeps or reports; `reports` pulls in no torch or Ray, directly or
+through what it imports; `sweeps/` is layered from the scripts down to `sweeps.spec`, so no import cycle can
+come back. CI enforces this through this test. Run by hand: `.venv/bin/lint-imports`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_contracts_hold():
+    lint_imports = Path(sys.executable).parent / "lint-imports"  # the `test` extra's console script
+    assert lint_imports.exists(), f"{lint_imports} is missing: pip install -e '.[test]'"
+    proc = subprocess.run(
+        [str(lint_imports), "--no-cache"],  # no .import_linter_cache/ left in the checkout
+        cwd=ROOT,  # reads ROOT/pyproject.toml and analyses this checkout's packages
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"lint-imports exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
