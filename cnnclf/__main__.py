@@ -15,57 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
+from cnnclf.args import Parser, UsageError, nonnegative_float, one_line, positive_float, positive_int
+from cnnclf.args import path as path_arg
 from cnnclf.config import DEFAULT_PRESET, PRESETS, TASKS, ConfigError, TrainConfig, get_preset
 
 # cnnclf.data, cnnclf.train and torch are imported inside the commands: a mistyped flag is
 # reported in a fraction of a second instead of after torch's import.
-
-
-class UsageError(Exception):
-    """Bad arguments: exit 2 with this one-line message."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + error
-        raise UsageError(message)
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
-    return v
-
-
-def _nonnegative_float(s: str) -> float:
-    v = float(s)
-    if not (v >= 0 and math.isfinite(v)):  # NaN fails both comparisons; inf warm-up never ends
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
-    return v
-
-
-def _path(s: str) -> Path:
-    if not s.strip():  # Path("") is the working directory: never what an empty value meant
-        raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return Path(s)
-
-
-_positive_int.__name__ = "positive integer"  # argparse names the type in its message
-_positive_float.__name__ = "positive number"
-_nonnegative_float.__name__ = "number"
-_path.__name__ = "path"
 
 
 def build_parser() -> Parser:
@@ -78,41 +37,43 @@ def build_parser() -> Parser:
     # Flags left out keep the preset's value; names follow TrainConfig (and torch).
     t.add_argument("--model", choices=["tutorial", "cnn"])
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    t.add_argument("--lr", type=_positive_float)
-    t.add_argument("--momentum", type=_nonnegative_float)
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--momentum", type=nonnegative_float)
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--weight-decay", type=_nonnegative_float)
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--weight-decay", type=nonnegative_float)
+    t.add_argument("--batch-size", type=positive_int)
+    t.add_argument("--epochs", type=positive_int)
     t.add_argument("--schedule", choices=["constant", "cosine", "linear"])
-    t.add_argument("--warmup-epochs", type=_nonnegative_float)
-    t.add_argument("--label-smoothing", type=_nonnegative_float)
-    t.add_argument("--depth", type=_positive_int)
+    t.add_argument("--warmup-epochs", type=nonnegative_float)
+    t.add_argument("--label-smoothing", type=nonnegative_float)
+    t.add_argument("--depth", type=positive_int)
     t.add_argument("--kernel-size", type=int, choices=[3, 5, 7])
-    t.add_argument("--width", type=_positive_int)
-    t.add_argument("--image-size", type=_positive_int)
+    t.add_argument("--width", type=positive_int)
+    t.add_argument("--image-size", type=positive_int)
     t.add_argument("--normalize", choices=["half", "dataset", "imagenet"])
     t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
-    t.add_argument("--subset", type=_positive_int, help="train on this many training images")
+    t.add_argument("--subset", type=positive_int, help="train on this many training images")
     t.add_argument("--seed", type=int)
-    t.add_argument("--data-dir", type=_path, default=Path("data"))
+    t.add_argument("--data-dir", type=path_arg, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--save", type=_path, help="write a checkpoint here after every epoch (for predict, or --resume)")
-    t.add_argument("--resume", type=_path, help="continue a checkpoint written by --save; a larger --epochs trains on")
+    t.add_argument("--save", type=path_arg, help="write a checkpoint here after every epoch (for predict, or --resume)")
+    t.add_argument(
+        "--resume", type=path_arg, help="continue a checkpoint written by --save; a larger --epochs trains on"
+    )
     t.add_argument("--json", action="store_true", help="print the result as one JSON object, last on stdout")
 
     pr = sub.add_parser("predict", help="classify images with a saved checkpoint")
-    pr.add_argument("--checkpoint", type=_path, required=True)
-    pr.add_argument("images", type=_path, nargs="+")
+    pr.add_argument("--checkpoint", type=path_arg, required=True)
+    pr.add_argument("images", type=path_arg, nargs="+")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     pr.add_argument("--json", action="store_true")
 
     pp = sub.add_parser("prepare", help="download (if missing), decode and cache a task's data")
     pp.add_argument("--task", choices=TASKS, required=True)
-    pp.add_argument("--data-dir", type=_path, default=Path("data"))
-    pp.add_argument("--image-size", type=_positive_int)
+    pp.add_argument("--data-dir", type=path_arg, default=Path("data"))
+    pp.add_argument("--image-size", type=positive_int)
     pp.add_argument("--no-download", action="store_true")
     pp.add_argument(
         "--prune",
@@ -139,10 +100,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return preset.replace(**changes)
     except ConfigError as e:
         raise UsageError(f"argument --{str(e).split('=', 1)[0].replace('_', '-')}: {e}") from None
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _device(name: str):
@@ -357,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "predict": cmd_predict, "prepare": cmd_prepare}[args.command](args)
     except UsageError as e:
-        print(f"cnnclf: error: {_one_line(e)}", file=sys.stderr)
+        print(f"cnnclf: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cnnclf: interrupted", file=sys.stderr)
@@ -366,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CNNCLF_DEBUG"):
             raise
         print(
-            f"cnnclf: error: {type(e).__name__}: {_one_line(e)} (set CNNCLF_DEBUG=1 for the traceback)", file=sys.stderr
+            f"cnnclf: error: {type(e).__name__}: {one_line(e)} (set CNNCLF_DEBUG=1 for the traceback)", file=sys.stderr
         )
         return 1
 

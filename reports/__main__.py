@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from cnnclf.args import Parser, UsageError, one_line
+from cnnclf.args import path as path_arg
 from cnnclf.config import name_error
 from sweeps.store import DEFAULT_URI
 
@@ -23,24 +25,8 @@ DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
 EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as every CLI here: `reports: error: ...`, exit 2
-        from reports.data import ReportError
-
-        raise ReportError(message)
-
-
-def _path(s: str) -> Path:
-    if not s.strip():  # Path("") is the working directory: never what an empty value meant
-        raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return Path(s)
-
-
-_path.__name__ = "path"  # argparse names the type in its message
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m reports",
         description="Compare sweeps' trials from MLflow against the documented baselines.",
         epilog=__doc__,
@@ -51,17 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--experiment", nargs="+", default=None, help="experiments (default: cifar10 and catdog, those that exist)"
     )
     p.add_argument("--sweep", nargs="+", default=None, help="sweep names, or `all` (default: the newest of each)")
-    p.add_argument("--out", type=_path, default=Path("reports/out"), help="reports go to OUT/<sweep>/")
+    p.add_argument("--out", type=path_arg, default=Path("reports/out"), help="reports go to OUT/<sweep>/")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reports.data import ReportError
-
     try:
         return _main(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
-    except ReportError as e:
-        print(f"reports: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except UsageError as e:  # ReportError too: unusable input
+        print(f"reports: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnnclf.args import UsageError, described
 from sweeps import spec, store
 from sweeps.spec import ADAM_ONLY, SGD_ONLY
 
@@ -34,7 +35,7 @@ DROPPED_METRICS = ("lr", "diverged", "epoch")
 SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
 
 
-class ReportError(Exception):
+class ReportError(UsageError):
     """Unusable input: unknown experiment or sweep, an experiment without sweeps, an unreachable store."""
 
 
@@ -80,7 +81,7 @@ def experiment_id(c, experiment: str, tracking_uri: str) -> str | None:
     try:
         exp = c.get_experiment_by_name(experiment)
     except Exception as e:
-        raise ReportError(f"--tracking-uri: cannot read {tracking_uri}: {_first_line(e)}") from None
+        raise ReportError(f"--tracking-uri: cannot read {tracking_uri}: {described(e)}") from None
     if exp is None or exp.lifecycle_stage != "active":
         return None
     return exp.experiment_id
@@ -262,7 +263,7 @@ def _load_artifacts(c, data: SweepData) -> None:
         top = {f.path for f in c.list_artifacts(run_id)}
         evals = {f.path for f in c.list_artifacts(run_id, "eval")} if "eval" in top else set()
     except Exception as e:
-        data.notes.append(f"the sweep's artifacts could not be listed ({_first_line(e)})")
+        data.notes.append(f"the sweep's artifacts could not be listed ({described(e)})")
         return
     with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
 
@@ -272,14 +273,14 @@ def _load_artifacts(c, data: SweepData) -> None:
             try:
                 return Path(c.download_artifacts(run_id, path, tmp))
             except Exception as e:
-                data.notes.append(f"`{path}` could not be downloaded ({_first_line(e)})")
+                data.notes.append(f"`{path}` could not be downloaded ({described(e)})")
                 return None
 
         if p := fetch("best_config.json", top):
             try:
                 data.best_config = json.loads(p.read_text())
             except (OSError, ValueError) as e:
-                data.notes.append(f"`best_config.json` is unreadable ({_first_line(e)})")
+                data.notes.append(f"`best_config.json` is unreadable ({described(e)})")
         if p := fetch("eval/confusion.json", evals):
             try:
                 conf = json.loads(p.read_text())
@@ -288,7 +289,7 @@ def _load_artifacts(c, data: SweepData) -> None:
                     raise ValueError(f"matrix {matrix.shape} for {len(conf['classes'])} classes")
                 data.confusion = {**conf, "matrix": matrix}
             except (OSError, ValueError, KeyError, TypeError) as e:
-                data.notes.append(f"`eval/confusion.json` is unreadable ({_first_line(e)})")
+                data.notes.append(f"`eval/confusion.json` is unreadable ({described(e)})")
         if p := fetch("eval/samples.npz", evals):
             try:
                 with np.load(p, allow_pickle=False) as z:  # no pickles from a store others write to
@@ -298,7 +299,7 @@ def _load_artifacts(c, data: SweepData) -> None:
                     raise ValueError(f"images {samples['images'].shape}, expected ({n}, 3, S, S)")
                 data.samples = samples
             except (OSError, ValueError, KeyError) as e:
-                data.notes.append(f"`eval/samples.npz` is unreadable ({_first_line(e)})")
+                data.notes.append(f"`eval/samples.npz` is unreadable ({described(e)})")
 
 
 @contextlib.contextmanager
@@ -322,8 +323,3 @@ def _time(ms: int | None) -> pd.Timestamp:
 
 def _quote(s: str) -> str:
     return s.replace("'", "\\'")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from cnnclf.args import Parser
 from cnnclf.config import ConfigError, TrainConfig, name_error
 from sweeps import store
 from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
@@ -265,13 +266,8 @@ def _typed(name: str, raw: str, kind: str) -> object:
         raise UsageError(f"argument --fix: {name}={raw!r} is not a valid {kind}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + error
-        raise UsageError(message)
-
-
 def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=f"sweeps/{spec.task}.py",
         description=f"Ray Tune + Optuna sweep of cnnclf on {spec.task}; every trial in MLflow.",
         epilog=spec.doc,

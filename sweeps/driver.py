@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume
 from sweeps.finish import collect, confirm_configs, finish, rank
@@ -30,10 +31,6 @@ from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
 from sweeps.trainable import TrialSetup, run_trial
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(Exception):
-    """Bad flags or unusable input: exit 2 with this one-line message."""
 
 
 @dataclass(frozen=True)
@@ -340,11 +337,6 @@ def quiet_mlflow_http() -> None:
     # (7, with exponential backoff) would only hide an outage for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _trial_dirname(trial) -> str:

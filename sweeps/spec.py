@@ -45,16 +45,22 @@ FAILED = ("oom", "error")  # the sweep exits 1 when any trial ended so
 
 @dataclass(frozen=True)
 class Ranges:
-    """A task's search ranges (documented in each script's docstring)."""
+    """A task's search ranges (documented in each script's docstring). The optimizer's ranges are the
+    same for both tasks; the model's differ."""
 
-    lr_sgd: tuple[float, float]  # log-uniform
-    lr_adam: tuple[float, float]  # log-uniform, adam and adamw
-    momentum: tuple[float, float]  # uniform, sgd only
-    weight_decay: tuple[float, float]  # log-uniform
     batch_size: tuple[int, ...]
     depth: tuple[int, int]  # inclusive
-    kernel_size: tuple[int, ...]
     width: tuple[int, ...]
+    lr_sgd: tuple[float, float] = (1e-3, 0.5)  # log-uniform
+    lr_adam: tuple[float, float] = (1e-4, 1e-2)  # log-uniform, adam and adamw
+    momentum: tuple[float, float] = (0.5, 0.99)  # uniform, sgd only
+    weight_decay: tuple[float, float] = (1e-6, 1e-2)  # log-uniform
+    kernel_size: tuple[int, ...] = (3, 5, 7)
+
+    @classmethod
+    def smoke(cls, depth: tuple[int, int], width: tuple[int, ...]) -> Ranges:
+        """--smoke-test: narrow, well-behaved ranges and small nets, so it takes about a minute on a CPU."""
+        return cls((32, 64), depth, width, (1e-2, 0.2), (1e-3, 1e-2), (0.8, 0.95), (1e-5, 1e-3), (3, 5))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -182,18 +179,6 @@ def test_catdog_petimages_with_broken_files(tmp_path: Path):
 
 
 # --- downloads (a local HTTP server; never the network) ----------------------------------------
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_cifar_download_checks_md5_and_extracts(http_dir, tmp_path: Path, monkeypatch):

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
 import os
@@ -13,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -67,19 +64,6 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.write_text, (self.marker, "code from a data file ran\n"))
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path):
-    """A local HTTP server for download tests (never the network)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 # --- item 2: a planted cifar-10-batches-py runs no code --------------------------------------------
