@@ -252,7 +252,7 @@ def train(
                 "diverged": 1.0,
                 "time/epoch_s": train_s,
                 "throughput/train_img_s": seen / max(train_s, 1e-9),
-                "lr": optimizer.param_groups[0]["lr"],
+                "train/lr": optimizer.param_groups[0]["lr"],
             }
             if report is not None:
                 report(epoch, metrics, None)
@@ -267,7 +267,7 @@ def train(
             "diverged": 0.0,
             "time/epoch_s": time.perf_counter() - t0,
             "throughput/train_img_s": seen / train_s,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train/lr": optimizer.param_groups[0]["lr"],
         }
         if epoch == cfg.epochs:
             t_test = time.perf_counter()

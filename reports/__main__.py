@@ -19,7 +19,7 @@ from pathlib import Path
 from cnnclf.args import Parser, UsageError, one_line
 from cnnclf.args import path as path_arg
 from cnnclf.config import name_error
-from sweeps.store import DEFAULT_URI
+from sweeps.store import DEFAULT_URI, missing_artifacts
 
 DEFAULT_EXPERIMENTS = ("cifar10", "catdog")
 EXIT_OK, EXIT_USAGE = 0, 2  # anything else (a bug, a corrupt store) exits 1 with a traceback
@@ -81,6 +81,9 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as e:  # an unknown scheme, a database MLflow cannot open: unusable input, not a bug
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ReportError(f"--tracking-uri: cannot open {uri}: {first.strip()}") from None
+    if uri.startswith("sqlite:///"):
+        for where in missing_artifacts(uri):  # a moved store: its runs would list no artifacts, silently
+            print(f"reports: warning: the artifact folder of experiment {where} is missing", file=sys.stderr)
     known = {}
     for exp in experiments:
         if experiment_id(c, exp, uri) is None:

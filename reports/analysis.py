@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -42,28 +41,6 @@ _LABELS = {
 }
 OUTCOME_LABELS = {o: _LABELS.get(o, o) for o in OUTCOMES}
 ALWAYS_COUNTED = (*MEASURED, "diverged", "error")  # rows of the outcome table even when zero
-
-
-@dataclass(frozen=True)
-class Documented:
-    """A baseline as the seed project documented it (its hand-tuned results)."""
-
-    test_acc: float  # fraction
-    what: str
-    per_class: dict[str, float]  # fractions, where the seed reported them
-    hours: float | None = None  # the seed's training time
-
-
-DOCUMENTED = {
-    "cifar10": Documented(0.61, "the PyTorch tutorial net with Adam (amsgrad), batch 4, 2 epochs", {}),
-    "catdog": Documented(
-        0.88,
-        "the seed's 5-6 layer CNN, SGD lr 0.008, about 60 epochs, 5 hours (dog 87%, cat 89%; "
-        "its other runs reached dog/cat 90/84 and 88/80)",
-        {"cat": 0.89, "dog": 0.87},
-        hours=5.0,
-    ),
-}
 
 
 def task_of(sweep: SweepData) -> str:

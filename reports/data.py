@@ -1,11 +1,12 @@
 """MLflow -> pandas: a sweep's parent run, one row per trial run, and the parent's artifacts.
 
-The contract is what `sweeps/callbacks.py` writes: one parent run per sweep (tags `role=sweep`,
-`sweep=<name>`), one nested child run per trial (tags `sweep`, `trial_id`, `role`, `status`;
-every TrainConfig field as a string param; per-epoch metrics with `step=epoch`, final
-`test/*` metrics). Reads go through `MlflowClient` with an explicit tracking URI rather than
-`mlflow.search_runs`, which reads a process-wide URI (and exports it to the environment):
-the sweep scripts call the report in-process.
+The contract is what `sweeps/callbacks.py` writes (docs/tracking.md): one parent run per sweep
+(tags `role=sweep`, `sweep=<name>`; the sweep's flags as `sweep.*` params), one nested child run
+per trial (tags `sweep`, `trial_id`, `role`, `status`; every TrainConfig field as a string param;
+per-epoch metrics with `step=epoch`, final `test/*` metrics). Stores written before the names were
+settled read the same (OLD_METRICS, DROPPED_METRICS, `sweep_settings`). Reads go through
+`MlflowClient` with an explicit tracking URI rather than `mlflow.search_runs`, which reads a
+process-wide URI (and exports it to the environment): the sweep scripts call the report in-process.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ import pandas as pd
 
 from cnnclf.args import UsageError, described
 from sweeps import spec, store
-from sweeps.spec import ADAM_ONLY, SGD_ONLY
+from sweeps.spec import ADAM_ONLY, METRIC_PREFIXES, SGD_ONLY, SWEEP_PARAM_PREFIX
 
 # A trial's outcome: the sweep's own (its `status` tag), plus two that only the MLflow run state tells:
 # `interrupted` (KILLED: orphaned by an interruption) and `running` (a sweep still in progress).
 OUTCOMES = (*spec.OUTCOMES, "interrupted", "running")
 SGD_FAMILY, ADAM_FAMILY = spec.OPTIMIZER_FAMILIES["sgd"], spec.OPTIMIZER_FAMILIES["adam"]
-# Per-epoch metrics that are bookkeeping rather than results; `lr` would also collide with the param.
-DROPPED_METRICS = ("lr", "diverged", "epoch")
+# Older stores (docs/tracking.md, "Older stores") logged the learning rate as `lr`, beside the `lr` param:
+# read as today's `train/lr`. They also logged bookkeeping as metrics: `epoch` (the step; it still gives
+# their epoch count) and `diverged` (the `status` tag says it): both left out.
+OLD_METRICS = {"lr": "train/lr"}
+DROPPED_METRICS = ("diverged", "epoch")
 SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
 
 
@@ -46,7 +50,7 @@ class SweepData:
     tracking_uri: str
     experiment: str
     name: str
-    parent: dict  # run_id, start, end, status, params (str values), metrics, tags
+    parent: dict  # run_id, start, end, status, params (the sweep's flags, see `sweep_settings`), metrics, tags
     runs: pd.DataFrame  # one row per child run; see `_run_row` for the columns
     raw_params: dict[str, dict[str, str]]  # run_id -> params exactly as logged (for the command line)
     best_config: dict | None = None  # best_config.json
@@ -151,7 +155,7 @@ def load_sweep(tracking_uri: str, experiment: str, name: str) -> SweepData:
         "start": _time(p.info.start_time),
         "end": _time(p.info.end_time),
         "status": p.info.status,
-        "params": dict(p.data.params),
+        "params": sweep_settings(p.data.params),
         "metrics": dict(p.data.metrics),
         "tags": dict(p.data.tags),
     }
@@ -208,11 +212,33 @@ def _run_row(r) -> dict[str, Any]:
         "error": tags.get("error"),
         "start": _time(r.info.start_time),
         "end": _time(r.info.end_time),
-        "epochs_run": m.get("epoch", np.nan),
+        "epochs_run": epochs_run(r.data),
     }
-    row.update({k: v for k, v in m.items() if k not in DROPPED_METRICS})
+    for k, v in m.items():
+        if k in DROPPED_METRICS or (k in OLD_METRICS and OLD_METRICS[k] in m):
+            continue
+        row[OLD_METRICS.get(k, k)] = v
     row.update(params)
     return row
+
+
+def epochs_run(data) -> float:
+    """The epochs a run logged: the highest step of its per-epoch metrics (MLflow keeps, per key, the
+    value of the highest step), or an older store's `epoch` metric (a run an older sweep began and this
+    one resumed has both). NaN when it logged none."""
+    steps = [m.step for m in data.to_proto().metrics if m.key.startswith(METRIC_PREFIXES)]
+    steps += [data.metrics["epoch"]] if "epoch" in data.metrics else []
+    return float(max(steps)) if steps else np.nan
+
+
+def sweep_settings(params: dict[str, str]) -> dict[str, str]:
+    """The sweep's flags from its parent run's params, by their own names (`num_samples`, not
+    `sweep.num_samples`). An older store logged them unprefixed, beside the best trial's `best/*`
+    params (left out: best_config.json holds the best configuration)."""
+    prefixed = {k.removeprefix(SWEEP_PARAM_PREFIX): v for k, v in params.items() if k.startswith(SWEEP_PARAM_PREFIX)}
+    if prefixed:
+        return prefixed
+    return {k: v for k, v in params.items() if not k.startswith("best/")}
 
 
 def _infer_confirm_of(runs: pd.DataFrame, raw: dict[str, dict[str, str]]) -> None:

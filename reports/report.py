@@ -13,7 +13,7 @@ from reports import analysis as an
 from reports import plots
 from reports.data import SweepData, list_sweeps, load_sweep, metric_history, resolve_sweeps
 from reports.render import Block, Bullets, Code, Heading, Image, Para, Table, write
-from sweeps.spec import ADAM_ONLY, METRIC, ROLES, SEARCH_PARAMS, SGD_ONLY, finite
+from sweeps.spec import ADAM_ONLY, DOCUMENTED, METRIC, ROLES, SEARCH_PARAMS, SGD_ONLY, Documented, finite
 
 TOP_TABLE = 10
 TOP_CURVES = 5
@@ -127,7 +127,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
     blocks.append(Heading(h, "Headline"))
     best = an.best(runs)
     base = an.baseline(runs)
-    doc = an.DOCUMENTED.get(task)
+    doc = DOCUMENTED.get(task)
     searched = vis[vis["role"] == "trial"]
     n_full = int((searched["outcome"] == "completed").sum())
     if best is None:
@@ -335,7 +335,7 @@ def _plots(s: SweepData, task: str, out_dir: Path, prefix: str, blocks: list[Blo
     runs = s.runs
     best = an.best(runs)
     base = an.baseline(runs)
-    doc = an.DOCUMENTED.get(task)
+    doc = DOCUMENTED.get(task)
 
     def add(title: str, fig, name: str, caption: str) -> None:
         path = plots.save(fig, out_dir / f"{prefix}{name}.png")
@@ -459,7 +459,7 @@ def _plots(s: SweepData, task: str, out_dir: Path, prefix: str, blocks: list[Blo
         skip("Test images", "the sweep has no `eval/samples.npz` artifact")
 
 
-def _baseline_marks(doc: an.Documented | None, base: pd.Series | None) -> list[tuple[str, float]]:
+def _baseline_marks(doc: Documented | None, base: pd.Series | None) -> list[tuple[str, float]]:
     marks = []
     if doc is not None:
         marks.append((f"documented baseline (test) {pct(doc.test_acc)}", doc.test_acc))
@@ -470,7 +470,7 @@ def _baseline_marks(doc: an.Documented | None, base: pd.Series | None) -> list[t
 
 def _comparison(loaded: list[SweepData], task: str, out_dir: Path, blocks: list[Block], pngs: list[Path]) -> None:
     blocks.append(Heading(2, "Side by side"))
-    doc = an.DOCUMENTED.get(task)
+    doc = DOCUMENTED.get(task)
     rows = []
     for s in loaded:
         runs = s.runs

@@ -60,6 +60,7 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         flush=True,
     )
     tracking("prepare", s.tracking_uri)
+    print(f"MLflow: {s.tracking_uri}", flush=True)
     return run_sweep(s, data)
 
 
@@ -71,7 +72,7 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
         faults = tuple(load_faults())
     except ValueError as e:
         raise UsageError(str(e)) from None
-    v = dict(vars(args), tracking_uri=args.tracking_uri or store.DEFAULT_URI)
+    v = dict(vars(args), tracking_uri=store.absolute(args.tracking_uri or store.DEFAULT_URI))
     # A trial's epochs and ASHA's max_t are one setting: with epochs above max_t every trial would be
     # stopped before its last epoch, with no test metrics, and its reproduce command would be wrong.
     fixed_epochs = parse_fix(args.fix, spec.base).get("epochs")
@@ -329,6 +330,12 @@ def _place_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
     )
     p.add_argument("--sync", action="store_true", help="write what sweep --name spooled while MLflow was down")
     p.add_argument("--experiment", default=spec.task)
+    p.add_argument(
+        "--register-model",
+        metavar="NAME",
+        default=None,
+        help="register the best model (logged on the sweep's run as an MLflow pyfunc model) in the Model Registry",
+    )
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--subset", type=int, default=None, help="train on this many training images")
@@ -357,6 +364,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.name is not None:
         need(name_error(args.name) is None, "--name", name_error(args.name) or "")
     need(args.experiment.strip() != "", "--experiment", "expected a name")
+    if args.register_model is not None:
+        need(name_error(args.register_model) is None, "--register-model", name_error(args.register_model) or "")
     if args.address is not None:
         need(
             args.address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.address) is not None,

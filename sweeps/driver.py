@@ -64,6 +64,7 @@ class Settings:
     connect_timeout: float
     ray_num_gpus: float | None
     mlflow_wait: float
+    register_model: str | None = None  # --register-model: the Model Registry name of the best model
     faults: tuple = ()
     params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
     resume_command: str = ""
@@ -113,7 +114,8 @@ def run_sweep(s: Settings, data) -> int:
         journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
-            journal.append("meta", data=meta)
+            meta |= {"provenance": callbacks.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
+            journal.append("meta", data=meta | {"datasets": callbacks.datasets(data.manifest, s.spec.task)})
         try:
             sweep = Sweep(s, journal, _shared_arrays(s, data), _gpus(s, ray.cluster_resources().get("GPU", 0)))
             try:
@@ -148,7 +150,9 @@ def _run(sweep: Sweep, data) -> int:
         rows += collect(cresults, s.base, s.baseline)
         statuses = {**statuses, **cstatuses}
     callbacks.close_orphans(sweep.journal, interrupted=False)
-    summary = finish(rows, statuses, s.out_dir, sweep.journal, data, wait=s.mlflow_wait)
+    summary = finish(
+        rows, statuses, s.out_dir, sweep.journal, data, wait=s.mlflow_wait, register_model=s.register_model
+    )
     return _exit_code(sweep, summary)
 
 

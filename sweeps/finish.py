@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnclf.config import TrainConfig
-from sweeps.callbacks import close_parent, log_summary
+from sweeps.callbacks import close_parent, describe_parent, log_summary
+from sweeps.journal import SWEEP_KEY
 from sweeps.spec import (
     FAILED,
     METRIC,
@@ -24,6 +25,7 @@ from sweeps.spec import (
     reproduce_command,
 )
 from sweeps.spec import trial_config as config_of
+from sweeps.store import ui_urls
 
 SAMPLE_IMAGES = 32  # test images with the best model's predictions, for the report's grid
 
@@ -148,7 +150,9 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
-def finish(rows: list[Row], statuses: dict, out_dir: Path, journal, data, wait: float = 60.0) -> dict:
+def finish(
+    rows: list[Row], statuses: dict, out_dir: Path, journal, data, wait: float = 60.0, register_model: str | None = None
+) -> dict:
     """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
     ranked = rank(rows)
     base_row = next((r for r in rows if r.role == "baseline"), None)
@@ -195,9 +199,17 @@ def finish(rows: list[Row], statuses: dict, out_dir: Path, journal, data, wait: 
     }
     files.append((dump_json({**summary, "best": best, "trial_statuses": statuses}, out_dir / "summary.json"), None))
     log_summary(journal, best, summary, files)
+    describe_parent(journal, best, summary)
+    if best is not None and (out_dir / "best_model.pt", "best_model") in files:
+        log_model(journal, out_dir / "best_model.pt", data, best["trial_id"], register_model)
     journal.append("meta", data={"finished": True})
     if journal.flush(timeout=wait):  # the report reads what was just logged
         write_report(journal, out_dir)
+        print_model(journal, register_model)
+        run, table, serve = ui_urls(journal.tracking_uri, journal.experiment_id, journal.run_ids[SWEEP_KEY])
+        print(f"MLflow: this sweep {run}\nMLflow: all runs of {journal.experiment} {table}", flush=True)
+        if serve:
+            print(f"MLflow: to open them, run: {serve}", flush=True)
     else:
         print("the report is left for --sync: MLflow is unreachable", file=sys.stderr)
     close_parent(journal)
@@ -226,6 +238,29 @@ def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]
     except Exception as e:
         print(f"warning: could not save the best model's artifacts: {type(e).__name__}: {e}", file=sys.stderr)
     return files
+
+
+def log_model(journal, checkpoint: Path, data, trial_id: str, register: str | None) -> None:
+    """Journal the best checkpoint as an MLflow pyfunc model (sweeps/model.py) on the parent run, registered
+    under `register` (--register-model) when given. best_model.pt stays an artifact of its own as well."""
+    try:
+        from sweeps import model
+
+        op = model.journal_op(checkpoint, data.test_x, checkpoint.parent, journal.sweep, trial_id, register)
+    except Exception as e:
+        print(f"warning: the best model cannot be logged as an MLflow model: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    journal.append("model", "sweep", **op)
+
+
+def print_model(journal, register: str | None) -> None:
+    """Where the logged model is, once the journal has written it."""
+    model_id = journal.logged_models.get("model")
+    if model_id is None:
+        return
+    print(f"MLflow: the best model models:/{model_id} (mlflow.pyfunc.load_model; docs/tracking.md)", flush=True)
+    if register in journal.registered:
+        print(f"MLflow: registered as models:/{register}/{journal.registered[register]}", flush=True)
 
 
 def write_report(journal, out_dir: Path) -> list[Path]:

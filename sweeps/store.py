@@ -24,6 +24,44 @@ class StoreError(ValueError):
     """The tracking store cannot be used; the message is one line, without the flag's name."""
 
 
+def absolute(uri: str) -> str:
+    """A SQLite URI with an absolute path: `mlflow ui` run from another folder, or a resumed sweep, then
+    opens the same store instead of silently making a new, empty one."""
+    db = sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
+
+
+def missing_artifacts(uri: str) -> list[str]:
+    """Local artifact folders that finished sweeps wrote to and that are gone (a store moved or copied
+    without them keeps absolute artifact paths, and MLflow then lists no artifacts, without an error).
+
+    Only a finished sweep's parent run is known to have artifacts (MLflow makes folders lazily)."""
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    c, gone = MlflowClient(tracking_uri=uri), []
+    for exp in c.search_experiments():
+        done = c.search_runs([exp.experiment_id], "tags.role = 'sweep' and tags.status = 'completed'", max_results=1)
+        loc = done[0].info.artifact_uri if done else ""
+        if loc.startswith(("file:", "/")):  # a server's or a bucket's artifacts are not ours to look at
+            folder = Path(unquote(urlparse(loc).path) if loc.startswith("file:") else loc)
+            if not folder.exists():
+                gone.append(f"{exp.name}: {folder}")
+    return gone
+
+
+def ui_urls(uri: str, experiment_id: str, run_id: str) -> tuple[str, str, str | None]:
+    """(the parent run's page, the experiment's runs table in model-training mode, the command that
+    serves them): a server's own address, or `mlflow ui` on this machine for a local store."""
+    serve = None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if not uri.startswith(("http://", "https://")):
+        serve = f"mlflow ui --backend-store-uri {uri} --workers 1"
+    exp = f"{base}/#/experiments/{experiment_id}"
+    return f"{exp}/runs/{run_id}", f"{exp}/runs?workflowType=machine_learning", serve
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).expanduser() if uri.startswith("sqlite:///") else None
 
@@ -154,6 +192,12 @@ def _repair(uri: str, db: Path) -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # makes the schema if new
     except MlflowException as e:
         raise StoreError(f"{db}: {' '.join(e.message.split())}") from None
+    for where in missing_artifacts(uri):
+        print(
+            f"warning: MLflow's artifact folder of experiment {where} is missing; its runs list no artifacts",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def schema_head() -> str:

@@ -62,7 +62,7 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
         return  # the trial had ended before the driver went down; it is not trained twice
 
     def report(epoch: int, metrics: dict, save) -> None:
-        m = {**metrics, **extra}
+        m = {**metrics, **extra, **system_metrics(device)}
         fire(list(setup.faults), "epoch_end", config, epoch)
         if m.get("diverged"):
             # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
@@ -82,6 +82,22 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0])
     if failure is not None:
         tune.report({"epoch": 0, METRIC: 0.0, **failure, **extra})
+
+
+def system_metrics(device: str) -> dict:
+    """This trial's own figures (the driver's system metrics would measure the wrong process): peak
+    memory in MiB (the device's allocator on CUDA, else the worker's peak resident set, which a reused
+    actor carries over from its earlier trials) and, where NVML is there, GPU utilization in percent."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        out = {"system/peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+        with contextlib.suppress(Exception):  # needs pynvml; absent, the figure is left out
+            out["system/gpu_util_pct"] = float(torch.cuda.utilization())
+        return out
+    return {"system/peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
 
 
 def _task_data(arrays: dict):

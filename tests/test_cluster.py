@@ -716,7 +716,7 @@ def test_smoke_sweep_spreads_over_two_nodes(two_nodes, cifar_dir, tmp_path):
     assert sorted(x.data.tags["role"] for x in children) == ["baseline", "confirm", "trial", "trial"]
     assert {x.info.status for x in found} == {"FINISHED"}, "a run was left RUNNING or failed"
     for child in children:
-        assert {"val/acc", "test/acc", "epoch"} <= set(child.data.metrics), child.data.tags["trial_id"]
+        assert {"val/acc", "test/acc", "time/epoch_s"} <= set(child.data.metrics), child.data.tags["trial_id"]
         assert child.data.tags["node_id"] in two_nodes.node_ids
     assert {x.data.tags["node_id"] for x in children} == two_nodes.node_ids
     assert (run / "out" / name / "best_config.json").is_file()

@@ -102,7 +102,7 @@ def children(uri: str, sweep: str, experiment: str = "cifar10"):
     return client, parents, [r for r in found if r.data.tags["role"] != "sweep"]
 
 
-def steps(client, run_id: str, key: str = "epoch") -> list[int]:
+def steps(client, run_id: str, key: str = "time/epoch_s") -> list[int]:  # logged by every epoch, a diverged one too
     return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
 
 
@@ -355,8 +355,9 @@ def test_diverged_trials_stop_within_one_epoch_and_are_recorded_everywhere(tmp_p
         assert c.info.status == "FAILED" and c.data.tags["status"] == "diverged"
         assert steps(client, c.info.run_id) == [1]  # stopped in its first epoch
         assert "val/acc" not in c.data.metrics  # the stand-in 0.0 is for Tune and Optuna only
+        assert c.data.tags["diverged"] == "true" and "diverged" not in c.data.metrics
     baseline = next(c for c in runs if c.data.tags["role"] == "baseline")
-    assert baseline.info.status == "FINISHED"
+    assert baseline.info.status == "FINISHED" and "diverged" not in baseline.data.tags
     summary = json.loads((tmp_path / "out" / "nan" / "summary.json").read_text())
     assert summary["outcomes"]["diverged"] == 2 and summary["outcomes"]["completed"] == 1
     ot = study(tmp_path, "nan").trials

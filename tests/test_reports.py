@@ -5,6 +5,9 @@ old and a new sweep, catdog one sweep without eval samples, and `empty` none. Th
 sweep has every kind of run: completed, early-stopped, diverged, errored (no metrics), a
 baseline, three confirmation runs and a KILLED orphan with the highest val/acc of all (it must
 not win).
+
+A second store holds the same runs written with the names sweeps used before issue 12 (`OldStore`):
+the report must read it the same (docs/tracking.md, "Older stores").
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -38,7 +41,7 @@ FULL_PLOTS |= {"confusion", "samples"}
 
 
 class Store:
-    """Writes runs exactly as sweeps/callbacks.py's MLflowCallback and finish_parent do."""
+    """Writes runs exactly as sweeps/callbacks.py's MLflowCallback and log_summary do (docs/tracking.md)."""
 
     def __init__(self, uri: str, artifacts: Path) -> None:
         self.c = MlflowClient(uri)
@@ -52,7 +55,7 @@ class Store:
         tags = {"sweep": name, "role": "sweep", "status": "running"}
         run = self.c.create_run(exp, start_time=T0 + int(start_s * 1000), run_name=name, tags=tags)
         p = {"num_samples": 4, "max_epochs": 3, "scheduler": "asha", "seed": 0, "subset": None, "name": name, **params}
-        self.c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(p.items())])
+        self.c.log_batch(run.info.run_id, params=[Param(f"sweep.{k}", str(v)) for k, v in sorted(p.items())])
         return Sweep(self, exp, name, run.info.run_id)
 
 
@@ -69,6 +72,87 @@ class Sweep:
         span: tuple[float, float],  # start and end, seconds after T0
         val: list[float],  # val/acc per epoch
         test: dict[str, float] | None = None,  # acc and per class, logged at the last epoch
+        role: str = "trial",
+        status: str = "completed",
+        mlflow_status: str = "FINISHED",
+        diverged_at: int | None = None,
+        tags: dict | None = None,
+    ) -> str:
+        start_s, end_s = span
+        tags = {"mlflow.parentRunId": self.parent, "sweep": self.name, "trial_id": tid, "role": role, **(tags or {})}
+        run = self.c.create_run(
+            self.exp, start_time=T0 + int(start_s * 1000), run_name=f"{role}-{tid}", tags={**tags, "status": "running"}
+        )
+        rid = run.info.run_id
+        params = {k: v for k, v in cfg.to_dict().items() if k != "tags"}
+        self.c.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+        epochs = len(val) + (1 if diverged_at else 0)
+        for epoch in range(1, epochs + 1):
+            ts = T0 + int((start_s + (end_s - start_s) * epoch / epochs) * 1000)
+            m = {"train/acc": 0.5, "time/epoch_s": 12.5, "throughput/train_img_s": 900.0, "train/lr": cfg.lr}
+            if epoch == diverged_at:
+                self.c.set_tag(rid, "diverged", "true")  # val/acc, val/loss, train/loss are stand-ins then: not logged
+            else:
+                m.update({"train/loss": 1.0 / epoch, "val/loss": 1.1 / epoch, "val/acc": val[epoch - 1]})
+            if epoch == epochs and test is not None:
+                m.update({"test/acc": test["acc"], "test/loss": 0.9})
+                m.update({f"test/acc/{k}": v for k, v in test.items() if k != "acc"})
+            self.c.log_batch(rid, metrics=[Metric(k, float(v), ts, epoch) for k, v in m.items()])
+        self.c.set_tag(rid, "status", status)
+        if status == "early_stopped":
+            self.c.set_tag(rid, "stopped_by", "asha")
+        self.c.set_terminated(rid, status=mlflow_status, end_time=T0 + int(end_s * 1000))
+        return rid
+
+    def finish(self, end_s: float, outcomes: dict, best: dict | None = None, **eval_files: Path) -> None:
+        ts = T0 + int(end_s * 1000)
+        metrics = [Metric(f"trials/{k}", float(v), ts, 0) for k, v in outcomes.items()]
+        tags = []
+        if best is not None:
+            tags = [RunTag("best.trial_id", best["trial_id"]), RunTag("best.config", json.dumps(best["config"]))]
+            metrics += [Metric(f"best/{k}", best[k], ts, 0) for k in ("val/acc", "test/acc")]
+            self._best_artifacts(best)
+        self.c.log_batch(self.parent, metrics=metrics, tags=tags)
+        self._close(ts, eval_files)
+
+    def _best_artifacts(self, best: dict) -> None:
+        path = self.files / "best_config.json"
+        path.write_text(json.dumps(best, indent=1))
+        self.c.log_artifact(self.parent, str(path))
+        model = self.files / "best_model.pt"
+        model.write_bytes(b"not really a checkpoint")
+        self.c.log_artifact(self.parent, str(model), artifact_path="best_model")
+
+    def _close(self, ts: int, eval_files: dict[str, Path]) -> None:
+        for path in eval_files.values():
+            self.c.log_artifact(self.parent, str(path), artifact_path="eval")
+        self.c.set_tag(self.parent, "status", "completed")
+        self.c.set_terminated(self.parent, status="FINISHED", end_time=ts)
+
+
+class OldStore(Store):
+    """Writes runs as sweeps did before issue 12 (keep as is: stores written then must still be read).
+
+    The parent's params were the sweep's flags unprefixed, plus the best trial's `best/<field>` and
+    `best/trial_id`; every epoch logged `epoch`, `lr` and `diverged` (0.0 or 1.0) as metrics.
+    """
+
+    def sweep(self, exp: str, name: str, start_s: float, **params) -> Sweep:
+        tags = {"sweep": name, "role": "sweep", "status": "running"}
+        run = self.c.create_run(exp, start_time=T0 + int(start_s * 1000), run_name=name, tags=tags)
+        p = {"num_samples": 4, "max_epochs": 3, "scheduler": "asha", "seed": 0, "subset": None, "name": name, **params}
+        self.c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(p.items())])
+        return OldSweep(self, exp, name, run.info.run_id)
+
+
+class OldSweep(Sweep):
+    def trial(
+        self,
+        tid: str,
+        cfg: TrainConfig,
+        span: tuple[float, float],
+        val: list[float],
+        test: dict[str, float] | None = None,
         role: str = "trial",
         status: str = "completed",
         mlflow_status: str = "FINISHED",
@@ -110,17 +194,9 @@ class Sweep:
             params = [Param(f"best/{k}", str(v)) for k, v in best["config"].items()]
             params.append(Param("best/trial_id", best["trial_id"]))
             metrics += [Metric(f"best/{k}", best[k], ts, 0) for k in ("val/acc", "test/acc")]
-            path = self.files / "best_config.json"
-            path.write_text(json.dumps(best, indent=1))
-            self.c.log_artifact(self.parent, str(path))
-            model = self.files / "best_model.pt"
-            model.write_bytes(b"not really a checkpoint")
-            self.c.log_artifact(self.parent, str(model), artifact_path="best_model")
+            self._best_artifacts(best)
         self.c.log_batch(self.parent, metrics=metrics, params=params)
-        for path in eval_files.values():
-            self.c.log_artifact(self.parent, str(path), artifact_path="eval")
-        self.c.set_tag(self.parent, "status", "completed")
-        self.c.set_terminated(self.parent, status="FINISHED", end_time=ts)
+        self._close(ts, eval_files)
 
 
 def per_class(acc: float, classes=CIFAR) -> dict[str, float]:
@@ -141,9 +217,18 @@ def _best_config(sweep: str, tid: str, cfg: TrainConfig, val: float, test: float
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("mlflow")
+    return fill(Store, tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture(scope="module")
+def old_store(tmp_path_factory) -> dict:
+    """The same runs, written with the names sweeps used before issue 12."""
+    return fill(OldStore, tmp_path_factory.mktemp("mlflow-old"))
+
+
+def fill(writer: type[Store], root: Path) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    s = Store(uri, root / "artifacts")
+    s = writer(uri, root / "artifacts")
     cifar = s.experiment("cifar10")
     catdog = s.experiment("catdog")
     s.experiment("empty")
@@ -511,3 +596,96 @@ def test_outcome_reads_the_sweeps_status_tags():
     assert outcome("diverged", "FAILED") == "diverged"
     assert outcome("completed", "KILLED") == "interrupted"  # orphaned by an interruption: left out of rankings
     assert outcome(None, "FAILED") == "error"
+
+
+# --- stores written before issue 12 -----------------------------------------------------------
+
+
+def _comparable(md: str) -> str:
+    """A report.md without the line that names the store and the time it was generated."""
+    return "\n".join(line for line in md.splitlines() if not line.startswith("Generated "))
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "run_id"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "sweeps"), [("cifar10", ["all"]), ("catdog", ["catdog-a"]), ("broken", ["all-failed"])]
+)
+def test_a_store_written_before_issue_12_reads_the_same(store, old_store, tmp_path, experiment, sweeps):
+    """Old names: `lr`, `epoch`, `diverged` metrics; unprefixed sweep flags and `best/*` params on the parent."""
+    new = build_report(store["uri"], experiment, sweeps, tmp_path / "new")
+    old = build_report(old_store["uri"], experiment, sweeps, tmp_path / "old")
+    assert [f.name for f in old] == [f.name for f in new]
+    md_old, md_new = (_comparable(files[0].read_text()) for files in (old, new))
+    assert md_old == md_new
+    assert _csv_rows(old[2]) == _csv_rows(new[2])
+    if experiment == "cifar10":  # what the report leads with, spelled out
+        assert "trial `t_00002`, val/acc **74.12%**, test/acc **73.42%**" in md_old
+        assert "Settings: num_samples=6, max_epochs=3, scheduler=asha, seed=0." in md_old
+        assert "Settings: num_samples=4, max_epochs=3, scheduler=asha, seed=0." in md_old  # cifar10-old
+        assert "| diverged | 1 | 0 | 0 | 1 |" in md_old and "| interrupted (KILLED) | 1 | 0 | 0 | 1 |" in md_old
+
+
+def test_old_and_new_names_load_as_one_frame(store, old_store):
+    from reports.data import load_sweep
+
+    new, old = (load_sweep(s["uri"], "cifar10", "cifar10-new") for s in (store, old_store))
+    assert old.parent["params"] == new.parent["params"]  # the sweep's flags, by their own names
+    assert new.parent["params"] == {
+        "num_samples": "6", "max_epochs": "3", "scheduler": "asha", "seed": "0", "subset": "None", "name": "cifar10-new"
+    }  # fmt: skip
+    columns = sorted(new.runs.columns)
+    assert sorted(old.runs.columns) == columns and "train/lr" in columns  # `lr` is the hyperparameter's column
+    assert not {"epoch", "diverged"} & set(columns)
+    by = ["trial_id", "role"]
+    a = old.runs.drop(columns="run_id").sort_values(by).reset_index(drop=True)
+    b = new.runs.drop(columns="run_id").sort_values(by).reset_index(drop=True)
+    assert a.equals(b), a.compare(b)
+    t4 = b.set_index("trial_id").loc["t_00004"]  # diverged in its second epoch: two epochs run, the lr logged
+    assert t4["epochs_run"] == 2 and t4["train/lr"] == 0.5 and t4["lr"] == 0.5  # the metric and the param
+    assert np.isnan(b.set_index("trial_id").loc["t_00005", "epochs_run"])  # errored before any epoch
+
+
+def test_an_old_journal_replayed_by_sync_writes_old_names_that_reports_read(tmp_path):
+    """`--sync` of a journal an older sweep spooled: its ops carry the old names; they are written as they are."""
+    from sweeps.journal import SWEEP_KEY, Journal, trial_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "out" / "old" / "journal"
+    j = Journal(folder, uri, "cifar10", "old", verbose=False)
+    j.append("meta", data={"tracking_uri": uri, "experiment": "cifar10", "task": "cifar10"})
+    flags = {"num_samples": 1, "max_epochs": 2, "scheduler": "fifo", "seed": 0, "subset": None, "name": "old"}
+    tags = {"sweep": "old", "role": "sweep", "status": "running"}
+    j.append("create_run", SWEEP_KEY, name="old", ts=T0, tags=tags, params={k: str(v) for k, v in flags.items()})
+    cfg = TrainConfig(task="cifar10", model="cnn", epochs=2, depth=2, width=8, optimizer="adam", lr=0.003)
+    params = {k: str(v) for k, v in cfg.to_dict().items() if k != "tags"}
+    key, tags = trial_key("t1"), {"sweep": "old", "trial_id": "t1", "role": "trial", "status": "running"}
+    j.append("create_run", key, name="trial-t1", ts=T0 + 1000, trial_id="t1", config={}, tags=tags, params=params)
+    for epoch, acc in ((1, 0.5), (2, 0.6)):
+        m = {"train/loss": 1.0 / epoch, "val/acc": acc, "epoch": epoch, "lr": 0.003, "diverged": 0.0}
+        m |= {"test/acc": 0.58, "test/acc/cat": 0.5} if epoch == 2 else {}
+        j.append("log", key, metrics=[[k, float(v), T0 + 1000 * (1 + epoch), epoch] for k, v in m.items()])
+    j.append("log", key, tags=[["status", "completed"]])
+    j.append("status", key, status="FINISHED", ts=T0 + 4000)
+    best = [[f"best/{k}", v] for k, v in params.items()] + [["best/trial_id", "t1"]]
+    summary = [["trials/completed", 1.0, T0 + 5000, 0], ["best/val/acc", 0.6, T0 + 5000, 0]]
+    j.append("log", SWEEP_KEY, metrics=summary, params=best)
+    j.append("log", SWEEP_KEY, tags=[["status", "completed"]])
+    j.append("status", SWEEP_KEY, status="FINISHED", ts=T0 + 5000)
+    j._file.close()  # as a sweep that never reached MLflow left it
+
+    again = Journal(folder, uri, "cifar10", "old", verbose=False)
+    again.start()
+    assert again.close(timeout=60) == 0
+    trial = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("cifar10").experiment_id])
+    assert {"epoch", "lr", "diverged"} <= set(next(r for r in trial if r.data.tags["role"] == "trial").data.metrics)
+    files = build_report(uri, "cifar10", ["old"], tmp_path / "report")
+    md = files[0].read_text()
+    assert "trial `t1`, val/acc **60.00%**, test/acc **58.00%**" in md
+    assert "Settings: num_samples=1, max_epochs=2, scheduler=fifo, seed=0." in md
+    [row] = read_csv(files[2]).values()
+    assert row["epochs_run"] == "2.0" and float(row["train/lr"]) == 0.003 and row["lr"] == "0.003"
+    assert not {"epoch", "diverged"} & set(row)

@@ -151,17 +151,20 @@ def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
     assert "best:" in r.stdout and "reproduce: python -m cnnclf train" in r.stdout
     client, parents, children = runs(tmp_path, "cifar10", "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["num_samples"] == "2"
+    assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["sweep.num_samples"] == "2"
+    assert all(k.startswith("sweep.") for k in parents[0].data.params)  # the flags, apart from hyperparameters
     roles = sorted(c.data.tags["role"] for c in children)
     assert roles == ["baseline", "confirm", "trial", "trial"]  # --smoke-test confirms the best with 1 fresh seed
-    best_trial = parents[0].data.params["best/trial_id"]
+    best_trial = parents[0].data.tags["best.trial_id"]
+    assert json.loads(parents[0].data.tags["best.config"])["model"] == "cnn"
     confirm = next(c for c in children if c.data.tags["role"] == "confirm")
     assert confirm.data.tags["confirm_of"] == best_trial and confirm.data.params["seed"] == "1000"
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert c.info.status == "FINISHED" and c.data.tags["status"] == "completed"
         assert {"optimizer", "lr", "batch_size", "depth", "kernel_size", "width", "weight_decay"} <= set(c.data.params)
-        assert {"val/acc", "train/loss", "test/acc", "test/acc/cat"} <= set(c.data.metrics)
+        assert {"val/acc", "train/loss", "train/lr", "test/acc", "test/acc/cat"} <= set(c.data.metrics)
+        assert not {"epoch", "lr", "diverged"} & set(c.data.metrics) and "diverged" not in c.data.tags
         assert [m.step for m in client.get_metric_history(c.info.run_id, "val/acc")] == [1]
     baseline = next(c for c in children if c.data.tags["role"] == "baseline")
     assert baseline.data.params["model"] == "tutorial" and baseline.data.params["batch_size"] == "4"
@@ -169,6 +172,8 @@ def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
     assert best["config"]["model"] == "cnn" and best["command"].startswith("python -m cnnclf train --task cifar10")
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert "best_config.json" in artifacts and "best_model" in artifacts
+    for r in [*parents, *children]:  # nothing is both a param and a metric
+        assert not set(r.data.params) & set(r.data.metrics), r.data.tags["role"]
 
 
 @pytest.mark.slow
