@@ -429,6 +429,7 @@ class Journal:
         ]
         if versions:
             self.registered[name] = str(versions[0].version)
+            self._link_version(model.model_id, name, self.registered[name])
         else:
             # A database store resolves a models:/ source with MLflow's *global* client (a TODO in MLflow),
             # so point it at this store for the call; a server resolves it itself.
@@ -439,6 +440,16 @@ class Journal:
                 self.registered[name] = str(version.version)
             finally:
                 mlflow.set_tracking_uri(before)
+            self._link_version(model.model_id, name, self.registered[name])
+
+    def _link_version(self, model_id: str, name: str, version: str) -> None:
+        """The logged model's `mlflow.modelVersions` tag, which the UI's Models tab reads for its Registered
+        models column (`mlflow.register_model` sets it; `create_model_version` does not)."""
+        model = self.client.get_logged_model(model_id)
+        linked = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
+        if {"name": name, "version": version} not in [{k: str(v) for k, v in x.items()} for x in linked]:
+            linked.append({"name": name, "version": version})
+            self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(linked)})
 
 
 def _one_line(e: BaseException) -> str:

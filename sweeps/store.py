@@ -59,7 +59,8 @@ def ui_urls(uri: str, experiment_id: str, run_id: str) -> tuple[str, str, str | 
     if not uri.startswith(("http://", "https://")):
         serve = f"mlflow ui --backend-store-uri {uri} --workers 1"
     exp = f"{base}/#/experiments/{experiment_id}"
-    return f"{exp}/runs/{run_id}", f"{exp}/runs?workflowType=machine_learning", serve
+    mode = "workflowType=machine_learning"  # MLflow 3's UI defaults to its GenAI layout without it
+    return f"{exp}/runs/{run_id}?{mode}", f"{exp}/runs?{mode}", serve
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -223,3 +223,33 @@ def zip_dir(src_dir: Path, archive: Path) -> Path:
         for p in sorted(src_dir.rglob("*")):
             zf.write(p, p.relative_to(src_dir.parent))
     return archive
+
+
+REGISTERED_MODEL = "cnnclf-smoke"  # --register-model of the shared smoke sweep
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """One real smoke sweep (Ray Tune, Optuna, MLflow on the default SQLite store, ./mlflow.db in its
+    working directory) with --register-model, shared by the tests of what it leaves in MLflow
+    (tests/test_tracking.py, tests/test_logged_model.py, tests/test_mlflow_ui.py): one sweep, not three."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    tmp = tmp_path_factory.mktemp("smoke_sweep")
+    data = write_cifar_folders(tmp / "cifar", 16, 4)
+    root = Path(__file__).resolve().parents[1]
+    args = ["--smoke-test", "--data-dir", data, "--no-download", "--name", "smoke", "--out", tmp / "out"]
+    args += ["--storage-path", tmp / "ray_results", "--register-model", REGISTERED_MODEL]
+    r = subprocess.run(
+        [sys.executable, str(root / "sweeps" / "cifar10.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=tmp,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(tmp=tmp, data=data, result=r, uri=f"sqlite:///{tmp / 'mlflow.db'}", name="smoke")

@@ -21,20 +21,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnclf.data import CIFAR10_CLASSES
-from tests.conftest import write_cifar_folders
-from tests.test_sweeps import ROOT, common, sweep
+from tests.conftest import REGISTERED_MODEL
+from tests.test_sweeps import ROOT, sweep
 
-REGISTERED = "cifar10-best"
-SWEEP = "lm"
+REGISTERED = REGISTERED_MODEL
+SWEEP = "smoke"
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory) -> dict:
-    """One smoke sweep with --register-model; what the tests below look at."""
-    tmp = tmp_path_factory.mktemp("logged")
-    data = write_cifar_folders(tmp / "cifar", 16, 4)
-    r = sweep("cifar10", tmp, "--smoke-test", "--data-dir", data, "--register-model", REGISTERED, *common(tmp, SWEEP))
-    assert r.returncode == 0, r.stderr[-3000:]
+def swept(smoke_sweep) -> dict:
+    """The shared smoke sweep (tests/conftest.py, with --register-model); what the tests below look at."""
+    tmp, data, r = smoke_sweep.tmp, smoke_sweep.data, smoke_sweep.result
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cifar10")

@@ -14,26 +14,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import write_cifar_folders
-from tests.test_sweeps import ROOT, common, sweep
+from tests.test_sweeps import ROOT
 
 NOTE = "mlflow.note.content"
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("tracking")
-    data = write_cifar_folders(tmp / "cifar", 16, 4)
-    r = sweep("cifar10", tmp, "--smoke-test", "--data-dir", data, *_plain_common(tmp, "ui"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, r
-
-
-def _plain_common(tmp: Path, name: str) -> list:
-    """common() without --tracking-uri: the sweep's default store, ./mlflow.db in its working directory."""
-    c = [str(a) for a in common(tmp, name)]
-    i = c.index("--tracking-uri")
-    return c[:i] + c[i + 2 :]
+def swept(smoke_sweep) -> tuple[Path, subprocess.CompletedProcess]:
+    return smoke_sweep.tmp, smoke_sweep.result
 
 
 def _runs(tmp: Path):
@@ -48,7 +36,7 @@ def test_the_default_store_is_absolute_and_the_urls_are_printed(swept):
     _, exp, runs = _runs(tmp)
     parent = next(x for x in runs if x.data.tags.get("role") == "sweep")
     base = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}"
-    assert f"MLflow: this sweep {base}/runs/{parent.info.run_id}" in r.stdout
+    assert f"MLflow: this sweep {base}/runs/{parent.info.run_id}?workflowType=machine_learning" in r.stdout
     assert f"{base}/runs?workflowType=machine_learning" in r.stdout
     assert "mlflow ui --backend-store-uri sqlite:////" in r.stdout and "--workers 1" in r.stdout
 
@@ -60,7 +48,7 @@ def test_experiment_parent_and_trials_are_described(swept):
     assert "CIFAR-10" in exp.tags[NOTE] and "61%" in exp.tags[NOTE]
     parent = next(x for x in runs if x.data.tags.get("role") == "sweep")
     headline = parent.data.tags[NOTE]
-    best = json.loads((tmp / "out" / "ui" / "best_config.json").read_text())
+    best = json.loads((tmp / "out" / "smoke" / "best_config.json").read_text())
     assert f"Best: trial {best['trial_id']}" in headline and "vs the documented baseline (61.00%)" in headline
     assert "vs the baseline re-measured here" in headline and "Confirmed with 1 fresh seeds" in headline
     for run in runs:
@@ -68,7 +56,7 @@ def test_experiment_parent_and_trials_are_described(swept):
         if tags["role"] == "sweep":
             continue
         note = tags[NOTE]
-        assert note.startswith(f"{tags['role']} of sweep ui: ") and f"batch {run.data.params['batch_size']}" in note
+        assert note.startswith(f"{tags['role']} of sweep smoke: ") and f"batch {run.data.params['batch_size']}" in note
         assert "completed after 1 epoch: val/acc " in note  # its outcome, once it ended
 
 
