@@ -55,6 +55,11 @@ def build_parser() -> Parser:
     t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
     t.add_argument("--subset", type=positive_int, help="train on this many training images")
     t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="torch.compile the training step (auto, the default: on with CUDA, off on the CPU)",
+    )
     t.add_argument("--data-dir", type=path_arg, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -238,6 +243,7 @@ def _print_summary(result: dict) -> None:
     print(
         f"val/acc {result['val/acc']:.4f}  test/acc {result['test/acc']:.4f}  "
         f"{result['throughput/train_img_s']:.0f} train img/s  {result['seconds']:.1f} s"
+        + (f" (compiling {result['time/compile_s']:.1f} s)" if "time/compile_s" in result else "")
     )
     print("per-class test accuracy:")
     for name in result["classes"]:

@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 NORMALIZATIONS = ("half", "dataset", "imagenet")
 AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 KERNEL_SIZES = (3, 5, 7)
+COMPILE = ("auto", "on", "off")  # torch.compile of the training step; auto: on for CUDA, off on the CPU
 MAX_DEPTH = 10
 
 
@@ -67,6 +68,9 @@ class TrainConfig:
     test_fraction: float = 0.1  # only where the data set has no labelled test set (Kaggle Cat/Dog)
     subset: int | None = None  # train on this many training images (stratified), None = all
     seed: int = 0
+    # torch.compile of the training step (cnnclf.train). A compiled step drops each epoch's ragged
+    # last batch, so that every step has one shape: docs/training.md#compiled-training-step
+    compile: str = "auto"
     tags: tuple[str, ...] = field(default=(), compare=False)  # free-form, e.g. ("baseline",)
 
     def __post_init__(self) -> None:
@@ -93,6 +97,7 @@ class TrainConfig:
         check(0 < self.val_fraction < 1, "val_fraction", "expected 0 < x < 1")
         check(0 < self.test_fraction < 1, "test_fraction", "expected 0 < x < 1")
         check(self.subset is None or self.subset >= 2, "subset", "expected >= 2 images")
+        check(self.compile in COMPILE, "compile", f"expected one of {', '.join(COMPILE)}")
 
     def replace(self, **changes: object) -> TrainConfig:
         """`dataclasses.replace` that names an unknown field instead of a TypeError wall."""

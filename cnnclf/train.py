@@ -6,10 +6,17 @@
 writes everything needed to resume (model, optimizer, schedule, RNG state, epoch), and
 `train(..., resume=path)` continues from it to the same result as an uninterrupted run.
 No Ray, Optuna or MLflow here: sweeps/ adapts this to Tune and MLflow.
+
+With `cfg.compile` on (auto: on CUDA), the forward pass, loss and accuracy count are one
+`torch.compile`d function (its backward compiled with it); on CUDA in "reduce-overhead" mode, so
+that forward and backward each replay as one CUDA graph: what makes batch 4 fast. The optimizer
+step stays torch's fused kernel. Every compiled step has one shape: the ragged last batch of each
+epoch is dropped (see `steps_per_epoch`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -102,6 +109,47 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
+# torch.compile mode per device: CUDA graphs remove the per-kernel launch cost that dominates small
+# batches on a GPU; on the CPU there are no graphs to replay.
+COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "default"}
+WARMUP_STEPS = 3  # compiled: the 1st step compiles (forward, then backward), the 2nd records CUDA graphs
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The torch.compile mode `cfg` trains with on `device`, or None for eager."""
+    on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return COMPILE_MODES.get(device.type, "default") if on else None
+
+
+def steps_per_epoch(n: int, batch_size: int, fixed_shapes: bool) -> int:
+    """Optimizer steps in an epoch of `n` images.
+
+    Eager: every image, the last batch ragged. Compiled (`fixed_shapes`): the ragged last batch is
+    dropped, not padded. Padding would put made-up images into BatchNorm's batch statistics and need
+    a masked loss; dropping keeps every step the same computation. Each epoch's shuffle differs, so
+    the (at most batch_size - 1) images left out differ too. With fewer images than one batch, the
+    one batch of `n` is the fixed shape.
+    """
+    if fixed_shapes and n >= batch_size:
+        return n // batch_size
+    return math.ceil(n / batch_size)
+
+
+def _reset_compiled() -> None:
+    # Dynamo's caches and the CUDA-graph pools of an earlier train() in this process (a reused sweep
+    # worker) are freed, and its recompile limit (8 per function) never turns a later trial eager.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if torch.cuda.is_initialized():
+        try:
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
+        except (ImportError, AttributeError):
+            pass
+
+
 def _autocast(device: torch.device):
     # bf16 on CUDA (no loss scaling needed); plain float32 on the CPU, where bf16 is slower.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -149,13 +197,33 @@ def train(
     *,
     device: str | torch.device | None = None,
     resume: str | os.PathLike | dict | None = None,
+    mode: str | None = None,
 ) -> dict:
     """Train `cfg` on `data`; returns the final metrics plus `status` ("completed" or "diverged").
 
     `data` may already sit on the device (the sweeps move it once per trial); if not, it is
     moved here. The test set is evaluated once, after the last epoch, and never steers anything.
+    `mode` overrides the torch.compile mode of a compiled run (benchmarks compare modes).
     """
     device = resolve_device(device)
+    mode = (mode or compile_mode(cfg, device)) if compile_mode(cfg, device) else None
+    if mode is None:
+        return _train(cfg, data, report, device, resume, None)
+    _reset_compiled()
+    try:
+        return _train(cfg, data, report, device, resume, mode)
+    finally:
+        _reset_compiled()  # the CUDA-graph memory pools go with the run, also when it fails (out of memory)
+
+
+def _train(
+    cfg: TrainConfig,
+    data: TaskData,
+    report: Report | None,
+    device: torch.device,
+    resume: str | os.PathLike | dict | None,
+    mode: str | None,
+) -> dict:
     started = time.perf_counter()
     data = data.to(device)
     num_classes = len(data.classes)
@@ -166,9 +234,18 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    n_steps = steps_per_epoch(len(data.train_y), cfg.batch_size, fixed_shapes=mode is not None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, n_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def forward_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _autocast(device):
+            out = model(xb)
+            loss = criterion(out, yb)
+        return loss, (out.argmax(1) == yb).sum()
+
+    step_fn = forward_loss if mode is None else torch.compile(forward_loss, mode=mode, dynamic=False)
+    graphs = mode is not None and device.type == "cuda" and "reduce-overhead" in mode
     mean, std = normalization(cfg.normalize, data)
     normalize = Normalizer(mean, std, device)
     augment = make_augment(cfg.augment)
@@ -207,31 +284,39 @@ def train(
     # steps catches divergence within those steps without a host sync (CUDA) or a Python
     # call (CPU) on every step.
     check_every = 16
-    constant_lr = cfg.schedule == "constant" and int(cfg.warmup_epochs * steps_per_epoch) == 0
+    constant_lr = cfg.schedule == "constant" and int(cfg.warmup_epochs * n_steps) == 0
     status = "completed"
+    compile_s: float | None = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
         g = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, epoch))
+        # A compiled run's first steps in this process compile and record: timed apart, as
+        # time/compile_s, and left out of throughput/train_img_s (always at least one step timed).
+        warmup = min(WARMUP_STEPS, n_steps - 1) if mode is not None and compile_s is None else 0
         t0 = time.perf_counter()
+        t_timed, seen_warmup = t0, 0
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         diverged = False
-        for step, (xb, yb) in enumerate(
-            train_batches(data.train_x, data.train_y, cfg.batch_size, normalize, augment, g)
-        ):
+        batches = train_batches(data.train_x, data.train_y, cfg.batch_size, normalize, augment, g)
+        for step, (xb, yb) in enumerate(itertools.islice(batches, n_steps)):
+            if warmup and step == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t_timed, seen_warmup = time.perf_counter(), seen
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                out = model(xb)
-                loss = criterion(out, yb)
             optimizer.zero_grad(set_to_none=True)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+            loss, step_correct = step_fn(xb, yb)
             loss.backward()
             optimizer.step()
             if not constant_lr:
                 scheduler.step()
             loss_sum += loss.detach() * len(yb)
-            correct += (out.argmax(1) == yb).sum()
+            correct += step_correct
             seen += len(yb)
             if step % check_every == check_every - 1 and not torch.isfinite(loss_sum):
                 diverged = True
@@ -240,7 +325,13 @@ def train(
             diverged = True
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_s = time.perf_counter() - t0
+        train_s = time.perf_counter() - t_timed
+        timed_images = seen - seen_warmup
+        if mode is not None and compile_s is None:
+            # The warm-up steps' wall time, less what they would have taken at the timed steps' pace.
+            warmup_s = t_timed - t0
+            per_image = train_s / max(1, timed_images)
+            compile_s = max(0.0, warmup_s - seen_warmup * per_image) if seen_warmup else train_s
         if diverged:
             status = "diverged"
             metrics = {
@@ -250,10 +341,12 @@ def train(
                 "val/loss": float("nan"),
                 "val/acc": float("nan"),
                 "diverged": 1.0,
-                "time/epoch_s": train_s,
-                "throughput/train_img_s": seen / max(train_s, 1e-9),
+                "time/epoch_s": time.perf_counter() - t0,
+                "throughput/train_img_s": timed_images / max(train_s, 1e-9),
                 "train/lr": optimizer.param_groups[0]["lr"],
             }
+            if compile_s is not None and epoch == start_epoch + 1:
+                metrics["time/compile_s"] = compile_s
             if report is not None:
                 report(epoch, metrics, None)
             break
@@ -266,9 +359,11 @@ def train(
             "val/acc": val["acc"],
             "diverged": 0.0,
             "time/epoch_s": time.perf_counter() - t0,
-            "throughput/train_img_s": seen / train_s,
+            "throughput/train_img_s": timed_images / train_s,
             "train/lr": optimizer.param_groups[0]["lr"],
         }
+        if compile_s is not None and epoch == start_epoch + 1:
+            metrics["time/compile_s"] = compile_s  # the first epoch trained in this process
         if epoch == cfg.epochs:
             t_test = time.perf_counter()
             test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
@@ -290,7 +385,10 @@ def train(
         metrics.update({f"test/acc/{n}": a for n, a in zip(data.classes, test["per_class"], strict=True)})
     result = dict(metrics)
     confusion = result.pop("test/confusion", None)
+    if compile_s is not None:
+        result["time/compile_s"] = compile_s
     result.update(
+        compile_mode=mode,
         status=status,
         epochs=metrics.get("epoch", start_epoch),
         seconds=elapsed_before + time.perf_counter() - started,

@@ -196,6 +196,7 @@ def logged_config(sweep: SweepData, run_id: str) -> TrainConfig:
     params = {k: parse_param(v) for k, v in sweep.raw_params.get(run_id, {}).items()}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"tags"}
     params.setdefault("task", task_of(sweep))
+    params.setdefault("compile", "auto")  # stores written before the setting existed trained with today's auto
     if missing := sorted(fields - set(params)):
         raise ValueError(f"no param {', '.join(missing)}")
     return TrainConfig.from_dict({k: v for k, v in params.items() if k in fields})

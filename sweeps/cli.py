@@ -94,6 +94,8 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
     baseline = spec.baseline.replace(
         epochs=min(spec.baseline.epochs, v["max_epochs"]), image_size=base.image_size, seed=args.seed
     )
+    if "compile" in fixed:  # how trials run, not what they are: the baseline runs the same way
+        baseline = baseline.replace(compile=fixed["compile"])
     _check_fit(base, baseline, args)
     v["name"] = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     v["storage"] = storage_uri(args.storage_path)

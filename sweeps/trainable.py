@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,8 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     ctx = ray.get_runtime_context()
     assigned = ctx.get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    # torch.compile's worker pool takes the trial's CPU share, not the machine's (trials share a node).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, int(assigned.get("CPU", 1)))))
     device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
     extra = {
         "resources/gpu": float(assigned.get("GPU", 0)),

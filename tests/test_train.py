@@ -148,3 +148,91 @@ def test_config_rejects_bad_values_and_unknown_fields():
 def test_cuda_bf16_channels_last_trains():
     result = train(small_cfg(epochs=2), synthetic(), device="cuda")
     assert result["status"] == "completed" and result["val/acc"] > 0.8
+
+
+# --- the compile setting ------------------------------------------------------------------------
+
+
+def test_compile_setting_resolves_per_device_and_is_checked():
+    from cnnclf.train import compile_mode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert small_cfg().compile == "auto" and all(p.compile == "auto" for p in PRESETS.values())
+    assert compile_mode(small_cfg(), cpu) is None and compile_mode(small_cfg(), cuda) == "reduce-overhead"
+    assert compile_mode(small_cfg(compile="on"), cpu) == "default"
+    assert compile_mode(small_cfg(compile="off"), cuda) is None
+    with pytest.raises(ConfigError, match="compile"):
+        small_cfg(compile="yes")
+    assert TrainConfig.from_dict({k: v for k, v in small_cfg().to_dict().items() if k != "compile"}) == small_cfg()
+
+
+def test_compile_flag_round_trips_through_the_cli_and_fix():
+    from cnnclf.__main__ import build_parser, config_from_args
+
+    cfg = PRESETS["cifar10-strong"].replace(compile="off")
+    args = cfg.cli_args()
+    assert args[args.index("--compile") + 1] == "off"
+    assert config_from_args(build_parser().parse_args(["train", *args])) == cfg
+    assert config_from_args(build_parser().parse_args(["train", "--task", "cifar10"])).compile == "auto"
+
+
+def test_compile_is_a_fix_parameter():
+    from cnnclf.args import UsageError
+    from sweeps.cli import parse_fix
+
+    assert parse_fix(["compile=off"], TrainConfig()) == {"compile": "off"}
+    with pytest.raises(UsageError, match="compile"):
+        parse_fix(["compile=fast"], TrainConfig())
+
+
+def test_fixed_shapes_drop_only_the_ragged_last_batch():
+    from cnnclf.train import steps_per_epoch
+
+    assert steps_per_epoch(100, 32, fixed_shapes=False) == 4
+    assert steps_per_epoch(100, 32, fixed_shapes=True) == 3  # 4 images left out, different ones each epoch
+    assert steps_per_epoch(96, 32, fixed_shapes=True) == 3
+    assert steps_per_epoch(20, 32, fixed_shapes=True) == 1  # fewer images than a batch: that batch is the shape
+    assert steps_per_epoch(45_000, 4, fixed_shapes=True) == 11_250
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_and_matches_eager(tmp_path):
+    """torch.compile on the CPU (inductor's C++ backend, gcc): the same steps as eager within float
+    tolerance, compile time reported apart, the ragged batch dropped, and resume still exact."""
+    data = synthetic(n_train=96, n_eval=32)  # 3 full batches of 32: eager and compiled take the same steps
+    cfg = small_cfg(epochs=2, schedule="cosine", warmup_epochs=1, augment="crop-flip")
+    eager = train(cfg, data, device="cpu")
+    assert eager["compile_mode"] is None and "time/compile_s" not in eager
+    rec = Recorder()
+    compiled = train(cfg.replace(compile="on"), data, rec, device="cpu")
+    assert compiled["compile_mode"] == "default" and compiled["status"] == "completed"
+    for k in ("train/loss", "val/loss"):
+        assert compiled[k] == pytest.approx(eager[k], rel=1e-3), k
+    assert compiled["val/acc"] == pytest.approx(eager["val/acc"], abs=0.05)
+    first, second = rec.calls[0][1], rec.calls[1][1]
+    assert first["time/compile_s"] > 0 and "time/compile_s" not in second
+    assert compiled["time/compile_s"] == first["time/compile_s"]
+    assert first["time/epoch_s"] > first["time/compile_s"]  # the epoch's wall time includes it; images/s does not
+
+    # 100 images: the compiled run drops the ragged 4 and takes 3 steps an epoch (eager: 4).
+    ragged = synthetic(n_train=100, n_eval=32)
+    ckpt = tmp_path / "c.pt"
+    for setting, steps in (("on", 3), ("off", 4)):
+        train(cfg.replace(epochs=1, compile=setting), ragged, lambda e, m, save: save(ckpt), device="cpu")
+        state = torch.load(ckpt, weights_only=True)
+        assert int(state["optimizer"]["state"][0]["step"]) == steps, setting
+
+    # Resume of a compiled run: the uninterrupted compiled run's result.
+    on = cfg.replace(epochs=3, compile="on")
+    full = train(on, ragged, device="cpu")
+
+    def stop_after_first(epoch, metrics, save):
+        if epoch == 1:
+            save(ckpt)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(on, ragged, stop_after_first, device="cpu")
+    resumed = train(on, ragged, device="cpu", resume=ckpt)
+    for k in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
