@@ -24,16 +24,13 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
 from sweeps import journal as journals
-from sweeps.journal import SWEEP_KEY, Journal, now_ms, trial_key
+from sweeps.journal import Journal, now_ms, trial_key
+from sweeps.runs import NOTE, config_line, epochs_text, log_datasets, open_parent
 from sweeps.spec import (
-    DOCUMENTED,
     MEASURED,
     METRIC,
     METRIC_PREFIXES,
-    SWEEP_PARAM_PREFIX,
-    TASKS,
     finite,
-    only_finite,
     outcome_of,
     trial_config,
 )
@@ -180,7 +177,7 @@ class MLflowCallback(tune.Callback):
         last = trial.last_result or {}
         role = trial.config.get("role", "trial")
         scores = [f"{k} {last[k]:.2%}" for k in (METRIC, "test/acc") if finite(last.get(k)) and status in MEASURED]
-        epochs = f" after {_epochs(int(last['epoch']))}" if finite(last.get("epoch")) else ""
+        epochs = f" after {epochs_text(int(last['epoch']))}" if finite(last.get("epoch")) else ""
         cfg = config_line(trial_config(trial.config, self.base, self.baseline))
         return f"{role} of sweep {self.sweep}: {cfg}. {status.replace('_', ' ')}{epochs}" + (
             f": {', '.join(scores)}" if scores else ""
@@ -215,154 +212,6 @@ class MLflowCallback(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         # This Tuner's trials; one that never reported its end was cut short by an interruption.
         self.trial_statuses = {t.trial_id: t.status if t.trial_id in self.ended else "INTERRUPTED" for t in trials}
-
-
-# --- the parent run: written by the driver around the Tuners' fits ------------------------------
-
-
-def open_parent(journal: Journal, sweep_params: dict) -> None:
-    """The sweep's parent run: created once, reopened by --resume; starts the journal's writer."""
-    if journal.has_run(SWEEP_KEY):
-        journal.append("status", SWEEP_KEY, status="RUNNING", ts=now_ms())
-        journal.append("log", SWEEP_KEY, tags=[["status", "running"]])
-    else:
-        task = journal.meta.get("task", "")
-        doc = DOCUMENTED.get(task)
-        about = f"{TASKS.get(task, task)}. Documented baseline: {doc.test_acc:.0%} test accuracy, {doc.what}."
-        about = about if doc else ""
-        # Model training, not GenAI: MLflow 3's UI then opens the experiment on its runs table.
-        kind = {"mlflow.experimentKind": "custom_model_development"}
-        journal.append("experiment_tags", tags=kind | ({NOTE: about} if about else {}))
-        tags = {"sweep": journal.sweep, "role": "sweep", "status": "running", **journal.meta.get("provenance", {})}
-        tags[NOTE] = f"Sweep {journal.sweep} of {task}: running. {about}"
-        if journal.meta.get("command"):
-            tags["command"] = journal.meta["command"]
-        params = {f"{SWEEP_PARAM_PREFIX}{k}": str(v) for k, v in sweep_params.items()}
-        journal.append("create_run", SWEEP_KEY, name=journal.sweep, ts=now_ms(), tags=tags, params=params)
-        log_datasets(journal, SWEEP_KEY)
-    journal.start()
-
-
-NOTE = "mlflow.note.content"  # a run's or experiment's description in MLflow's UI
-
-
-def config_line(cfg: TrainConfig) -> str:
-    """A trial's configuration in one line, hyperparameters first (momentum only for SGD, amsgrad only for Adam)."""
-    parts = [cfg.model, cfg.optimizer, f"lr {cfg.lr:.3g}"]
-    parts += [f"momentum {cfg.momentum:.3g}"] if cfg.optimizer == "sgd" else (["amsgrad"] if cfg.amsgrad else [])
-    parts += [f"wd {cfg.weight_decay:.2g}", f"batch {cfg.batch_size}"]
-    if cfg.model != "tutorial":
-        parts += [f"depth {cfg.depth}", f"width {cfg.width}", f"k{cfg.kernel_size}"]
-    return ", ".join(parts) + f"; {_epochs(cfg.epochs)} at {cfg.image_size}px, seed {cfg.seed}"
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch" + ("" if n == 1 else "s")
-
-
-def provenance() -> dict:
-    """MLflow's provenance tags for runs this driver creates: who, which script, which commit."""
-    import getpass
-    import subprocess
-    import sys
-
-    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": sys.argv[0], "mlflow.source.type": "LOCAL"}
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            tags["mlflow.source.git.commit"] = out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass  # not a git checkout, or no git: the commit is left out
-    return tags
-
-
-def datasets(manifest: dict, task: str) -> list[dict]:
-    """The data as MLflow datasets, one per split (context train, val or test): the split's file-list
-    digest, its size, the layout and what was skipped, as the run's Datasets column shows them."""
-    import json
-
-    out = []
-    for split, info in (manifest.get("splits") or {}).items():
-        profile = {"num_images": info["n"], "per_class": info.get("per_class"), "layout": manifest.get("layout")}
-        profile |= {"files_skipped": manifest.get("files_skipped", 0), "image_size": manifest.get("image_size")}
-        source = json.dumps({"path": manifest.get("root", ""), "manifest": manifest.get("manifest_path")})
-        out.append(
-            {"name": task, "digest": info["sha256"], "source_type": "local", "source": source}
-            | {"profile": json.dumps(profile), "context": split}
-        )
-    return out
-
-
-def log_datasets(journal: Journal, key: str) -> None:
-    if journal.meta.get("datasets"):
-        journal.append("inputs", key, datasets=journal.meta["datasets"])
-
-
-def close_orphans(journal: Journal, interrupted: bool) -> int:
-    """No run is left RUNNING: runs of trials that did not finish are closed as KILLED."""
-    orphans = journal.open_trials()
-    for t in orphans:
-        journal.append("log", t.key, tags=[["status", "interrupted"]])
-        journal.append("status", t.key, status="KILLED", ts=now_ms())
-    if interrupted and journal.has_run(SWEEP_KEY):
-        journal.append("log", SWEEP_KEY, tags=[["status", "interrupted"]])
-        journal.append("status", SWEEP_KEY, status="KILLED", ts=now_ms())
-    return len(orphans)
-
-
-def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
-    """The best trial (`best.*` tags, `best/*` scores), outcome counts and artifacts, on the parent."""
-    import json
-
-    ts = now_ms()
-    metrics = {f"trials/{k}": v for k, v in summary["outcomes"].items()}
-    tags = []
-    if best is not None:  # tags, not params: a resumed sweep may find a new best; best_config.json has it all
-        config = {k: v for k, v in best["config"].items() if k != "tags"}
-        tags = [["best.trial_id", best["trial_id"]], ["best.config", json.dumps(config)]]
-        metrics |= {f"best/{k}": best.get(k) for k in ("val/acc", "test/acc")}
-        conf = best.get("confirmation") or {}
-        metrics |= {f"best/confirm/{k}": conf.get(k) for k in ("test_mean", "test_std", "n")}
-    metrics["baseline/test/acc"] = summary.get("baseline_test_acc")
-    metrics |= {f"data/{k}": v for k, v in (summary.get("data") or {}).items()}
-    rows = [[k, float(v), ts, 0] for k, v in only_finite(metrics).items()]  # a one-run std (NaN) is not logged
-    journal.append("log", SWEEP_KEY, metrics=rows, tags=tags)
-    log_files(journal, files)
-
-
-def describe_parent(journal: Journal, best: dict | None, summary: dict) -> str:
-    """The parent run's description: the headline of the sweep, as the report opens with it."""
-    task = journal.meta.get("task", "")
-    doc = DOCUMENTED.get(task)
-    n = f"{sum(summary['outcomes'].values())} runs (search trials and the seed baseline)"
-    if best is None:
-        note = f"Sweep {journal.sweep} of {task}: {n}; none finished with a val/acc."
-    else:
-        line = config_line(TrainConfig.from_dict({k: v for k, v in best["config"].items() if k != "tags"}))
-        scores = ", ".join(f"{k} {best[k]:.2%}" for k in (METRIC, "test/acc") if finite(best.get(k)))
-        note = f"Sweep {journal.sweep} of {task}, {n}. Best: trial {best['trial_id']} ({line}): {scores}."
-        test = best.get("test/acc")
-        marks = [("the documented baseline", doc.test_acc if doc else None)]
-        marks.append(("the baseline re-measured here", summary.get("baseline_test_acc")))
-        vs = [f"{100 * (test - b):+.2f} pts vs {what} ({b:.2%})" for what, b in marks if finite(b) and finite(test)]
-        note += f" Test accuracy {'; '.join(vs)}." if vs else ""
-        conf = best.get("confirmation") or {}
-        if conf.get("n"):
-            std = f" ± {conf['test_std']:.2%}" if finite(conf.get("test_std")) else " (one run, no std)"
-            note += f" Confirmed with {conf['n']} fresh seeds: test {conf['test_mean']:.2%}{std}."
-    journal.append("log", SWEEP_KEY, tags=[[NOTE, note]])
-    return note
-
-
-def log_files(journal: Journal, files: list[tuple[Path, str | None]]) -> None:
-    for f, artifact_dir in files:
-        journal.append("artifact", SWEEP_KEY, path=str(Path(f).resolve()), dir=artifact_dir)
-
-
-def close_parent(journal: Journal, status: str = "completed") -> None:
-    journal.append("log", SWEEP_KEY, tags=[["status", status]])
-    journal.append("status", SWEEP_KEY, status="FINISHED", ts=now_ms())
 
 
 def _plain(config: dict) -> dict:

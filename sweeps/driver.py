@@ -23,8 +23,8 @@ from pathlib import Path
 
 from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
-from sweeps import callbacks, resume
-from sweeps.finish import collect, confirm_configs, finish, rank
+from sweeps import callbacks, resume, runs
+from sweeps.finish import Ending, collect, confirm_configs, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Space, close_study, make_searcher
 from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
@@ -97,7 +97,7 @@ class Sweep:
         )
 
     def interrupted(self) -> int:
-        callbacks.close_orphans(self.journal, interrupted=True)
+        runs.close_orphans(self.journal, interrupted=True)
         left = self.journal.close(timeout=min(self.s.mlflow_wait, 10.0))
         spooled = f" ({left} MLflow writes spooled in {self.journal.folder})" if left else ""
         print(
@@ -114,8 +114,8 @@ def run_sweep(s: Settings, data) -> int:
         journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
-            meta |= {"provenance": callbacks.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
-            journal.append("meta", data=meta | {"datasets": callbacks.datasets(data.manifest, s.spec.task)})
+            meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
+            journal.append("meta", data=meta | {"datasets": runs.datasets(data.manifest, s.spec.task)})
         try:
             sweep = Sweep(s, journal, _shared_arrays(s, data), _gpus(s, ray.cluster_resources().get("GPU", 0)))
             try:
@@ -123,7 +123,7 @@ def run_sweep(s: Settings, data) -> int:
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
                 return sweep.interrupted()
             except BaseException:
-                callbacks.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
+                runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
                 journal.close(timeout=min(s.mlflow_wait, 10.0))
                 raise
         finally:
@@ -149,10 +149,8 @@ def _run(sweep: Sweep, data) -> int:
             return sweep.interrupted()
         rows += collect(cresults, s.base, s.baseline)
         statuses = {**statuses, **cstatuses}
-    callbacks.close_orphans(sweep.journal, interrupted=False)
-    summary = finish(
-        rows, statuses, s.out_dir, sweep.journal, data, wait=s.mlflow_wait, register_model=s.register_model
-    )
+    runs.close_orphans(sweep.journal, interrupted=False)
+    summary = finish(rows, statuses, sweep.journal, data, Ending(s.out_dir, s.mlflow_wait, s.register_model))
     return _exit_code(sweep, summary)
 
 

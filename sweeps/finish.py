@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnclf.config import TrainConfig
-from sweeps.callbacks import close_parent, describe_parent, log_summary
 from sweeps.journal import SWEEP_KEY
+from sweeps.runs import close_parent, describe_parent, log_summary
 from sweeps.spec import (
     FAILED,
     METRIC,
@@ -150,15 +150,52 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
-def finish(
-    rows: list[Row], statuses: dict, out_dir: Path, journal, data, wait: float = 60.0, register_model: str | None = None
-) -> dict:
+@dataclass(frozen=True)
+class Ending:
+    """How a sweep ends: where its files go and what it tells MLflow."""
+
+    out_dir: Path
+    wait: float = 60.0  # seconds to wait for an unreachable MLflow server before leaving writes spooled
+    register_model: str | None = None  # --register-model
+
+
+def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
     ranked = rank(rows)
     base_row = next((r for r in rows if r.role == "baseline"), None)
     confirm = confirmations(rows)
     outcomes = {k: sum(r.outcome == k for r in rows if r.role != "confirm") for k in OUTCOMES}
+    _print_table(ranked, base_row, outcomes, confirm)
+    best, files = None, []
+    if ranked:
+        best, files = _save_best(ranked[0], base_row, confirm, journal.sweep, end.out_dir, data)
+    summary = {
+        "outcomes": outcomes,
+        "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
+        "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
+        "baseline_test_acc": base_row.test_acc if base_row else None,
+        "confirmation": confirm,
+    }
+    summary_json = dump_json({**summary, "best": best, "trial_statuses": statuses}, end.out_dir / "summary.json")
+    log_summary(journal, best, summary, [*files, (summary_json, None)])
+    describe_parent(journal, best, summary)
+    if best is not None and (end.out_dir / "best_model.pt", "best_model") in files:
+        log_model(journal, end.out_dir / "best_model.pt", data, best["trial_id"], end.register_model)
+    journal.append("meta", data={"finished": True})
+    if journal.flush(timeout=end.wait):  # the report reads what was just logged
+        write_report(journal, end.out_dir)
+        print_model(journal, end.register_model)
+        run, table, serve = ui_urls(journal.tracking_uri, journal.experiment_id, journal.run_ids[SWEEP_KEY])
+        print(f"MLflow: this sweep {run}\nMLflow: all runs of {journal.experiment} {table}", flush=True)
+        if serve:
+            print(f"MLflow: to open them, run: {serve}", flush=True)
+    else:
+        print("the report is left for --sync: MLflow is unreachable", file=sys.stderr)
+    close_parent(journal)
+    return summary
 
+
+def _print_table(ranked: list[Row], base_row: Row | None, outcomes: dict, confirm: dict) -> None:
     print(f"\n{'trial':>10s} {'role':8s} {'val/acc':>7s} {'test/acc':>8s} {'epochs':>6s}  config")
     for r in ranked[:5]:
         print(_fmt(r))
@@ -171,49 +208,24 @@ def finish(
             f"val/acc {st['val_mean']:.4f} ± {_std(st['val_std'])} (n={st['n']} fresh seeds)"
         )
 
-    best = None
-    files: list[tuple[Path, str | None]] = []
-    if ranked:
-        b = ranked[0]
-        best = {
-            "sweep": journal.sweep,
-            "trial_id": b.trial_id,
-            "val/acc": b.val_acc,
-            "test/acc": b.test_acc,
-            "config": {k: v for k, v in b.cfg.to_dict().items() if k != "tags"},
-            "command": reproduce_command(b.cfg),
-            "baseline": {"val/acc": base_row.val_acc, "test/acc": base_row.test_acc} if base_row else None,
-            "confirmation": confirm.get(b.trial_id),
-        }
-        files.append((dump_json(best, out_dir / "best_config.json"), None))
-        files += _best_artifacts(b, out_dir, data)
-        te = "-" if b.test_acc is None else f"{b.test_acc:.4f}"
-        print(f"best: {b.trial_id} val/acc {b.val_acc:.4f} test/acc {te}; config in {out_dir / 'best_config.json'}")
-        print(f"reproduce: {best['command']}")
-    summary = {
-        "outcomes": outcomes,
-        "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
-        "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
-        "baseline_test_acc": base_row.test_acc if base_row else None,
-        "confirmation": confirm,
+
+def _save_best(b: Row, base_row: Row | None, confirm: dict, sweep: str, out_dir: Path, data) -> tuple[dict, list]:
+    """best_config.json, the best model and its eval artifacts; (best, [(file, artifact folder)])."""
+    best = {
+        "sweep": sweep,
+        "trial_id": b.trial_id,
+        "val/acc": b.val_acc,
+        "test/acc": b.test_acc,
+        "config": {k: v for k, v in b.cfg.to_dict().items() if k != "tags"},
+        "command": reproduce_command(b.cfg),
+        "baseline": {"val/acc": base_row.val_acc, "test/acc": base_row.test_acc} if base_row else None,
+        "confirmation": confirm.get(b.trial_id),
     }
-    files.append((dump_json({**summary, "best": best, "trial_statuses": statuses}, out_dir / "summary.json"), None))
-    log_summary(journal, best, summary, files)
-    describe_parent(journal, best, summary)
-    if best is not None and (out_dir / "best_model.pt", "best_model") in files:
-        log_model(journal, out_dir / "best_model.pt", data, best["trial_id"], register_model)
-    journal.append("meta", data={"finished": True})
-    if journal.flush(timeout=wait):  # the report reads what was just logged
-        write_report(journal, out_dir)
-        print_model(journal, register_model)
-        run, table, serve = ui_urls(journal.tracking_uri, journal.experiment_id, journal.run_ids[SWEEP_KEY])
-        print(f"MLflow: this sweep {run}\nMLflow: all runs of {journal.experiment} {table}", flush=True)
-        if serve:
-            print(f"MLflow: to open them, run: {serve}", flush=True)
-    else:
-        print("the report is left for --sync: MLflow is unreachable", file=sys.stderr)
-    close_parent(journal)
-    return summary
+    files = [(dump_json(best, out_dir / "best_config.json"), None), *_best_artifacts(b, out_dir, data)]
+    te = "-" if b.test_acc is None else f"{b.test_acc:.4f}"
+    print(f"best: {b.trial_id} val/acc {b.val_acc:.4f} test/acc {te}; config in {out_dir / 'best_config.json'}")
+    print(f"reproduce: {best['command']}")
+    return best, files
 
 
 def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]]:

@@ -257,7 +257,8 @@ class Journal:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def _experiment(self) -> str:
+    def experiment_id_now(self) -> str:
+        """The experiment's id, created in MLflow if it is not there yet."""
         if self.experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -283,7 +284,7 @@ class Journal:
         if kind == "create_run":
             if key in self.run_ids:
                 return  # applied whole before: run_ids gets the key only once the params are in
-            exp = self._experiment()
+            exp = self.experiment_id_now()
             marker = f"{self.sweep}/{key}"
             found = c.search_runs([exp], f"tags.`cnnclf.key` = '{marker}'", max_results=1)
             if found:  # created before a crash or a lost reply: the same run, its params maybe cut short
@@ -316,140 +317,28 @@ class Journal:
             else:
                 c.update_run(run_id, status=op["status"])
         elif kind == "inputs":  # datasets: the Datasets column and filter of MLflow's runs table
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-
-            inputs = []
-            for d in op["datasets"]:
-                fields = {k: d[k] for k in ("name", "digest", "source_type", "source", "schema", "profile") if k in d}
-                inputs.append(DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", d["context"])]))
-            c.log_inputs(self._run_id(key), datasets=inputs)
+            c.log_inputs(self._run_id(key), datasets=[_dataset_input(d) for d in op["datasets"]])
         elif kind == "experiment_tags":
             for k, v in op["tags"].items():
-                c.set_experiment_tag(self._experiment(), k, str(v)[:5000])
+                c.set_experiment_tag(self.experiment_id_now(), k, str(v)[:5000])
         elif kind == "artifact":
             path = Path(op["path"])
             if not path.exists():
                 raise FileNotFoundError(f"{path} is gone; it cannot be logged")
             c.log_artifact(self._run_id(key), str(path), op.get("dir"))
         elif kind == "model":  # a pyfunc model from code (sweeps/model.py builds the op), logged once per run
-            self._log_model(self._run_id(key), op)
+            from sweeps.registry import log_model
+
+            log_model(self, self._run_id(key), op)
         else:
             raise ValueError(f"unknown journal op {kind!r}")
 
-    def _log_model(self, run_id: str, op: dict) -> None:
-        """Log op["code"] (a models-from-code file) with its checkpoint on run `run_id` as a LoggedModel,
-        and register it under op["register"]. The model carries a `cnnclf.key` tag (with op["digest"], the
-        checkpoint's), so a replay finds it and only does what is missing: never a second model of the same
-        weights on the run, nor a second registered version of it.
 
-        The steps are mlflow.pyfunc.log_model's (MLflow's Model.log), made through this journal's client, so
-        with its tracking URI and the run's experiment and no active run: create the LoggedModel, link it to
-        the run as an output, save the model locally, load it back and predict the input example, upload,
-        finalize."""
-        import tempfile
+def _dataset_input(d: dict):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        import mlflow.pyfunc
-        import numpy as np
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
-        from mlflow.models import Model, ModelSignature
-
-        c, exp = self.client, self._experiment()
-        marker = f"{self.sweep}/{op['key']}/{op['name']}" + (f"@{op['digest'][:16]}" if op.get("digest") else "")
-        found = [
-            m
-            for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
-            if m.tags.get("cnnclf.key") == marker
-        ]
-        ready = [m for m in found if str(m.status) == str(LoggedModelStatus.READY)]
-        model = (ready or found or [None])[0]
-        if model is None:
-            model = c.create_logged_model(
-                exp,
-                name=op["name"],
-                source_run_id=run_id,
-                tags={"cnnclf.key": marker, "sweep": self.sweep},
-                params=op.get("params"),
-                model_type=op.get("model_type"),
-            )
-        run = c.get_run(run_id)
-        if model.model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
-            c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-        if not ready:
-            with tempfile.TemporaryDirectory(prefix="cnnclf-model-") as tmp:
-                local = Path(tmp) / "model"
-                try:  # local work: a failure here is a bug or a missing file, never an outage to retry
-                    example = np.load(op["example"], allow_pickle=False)
-                    info = Model(
-                        artifact_path=model.artifact_location,
-                        run_id=run_id,
-                        model_uuid=model.model_id,
-                        model_id=model.model_id,
-                    )
-                    mlflow.pyfunc.save_model(
-                        str(local),
-                        python_model=op["code"],
-                        artifacts={"checkpoint": op["checkpoint"]},
-                        signature=ModelSignature.from_dict(op["signature"]),
-                        input_example=example,
-                        pip_requirements=op["requirements"],
-                        metadata=op["metadata"],
-                        mlflow_model=info,
-                    )
-                    mlflow.pyfunc.load_model(str(local)).predict(example)
-                except Exception as e:
-                    raise RuntimeError(f"the model could not be saved: {_one_line(e)}") from e
-                c.log_model_artifacts(model.model_id, str(local))
-            c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        prefix = op.get("metric_prefix")
-        if prefix:  # the run's headline metrics on the model too (the Models tab's columns); repeats merge
-            latest = [c.get_metric_history(run_id, k)[-1:] for k in run.data.metrics if k.startswith(prefix)]
-            metrics = [
-                Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for ms in latest for m in ms
-            ]
-            if metrics:
-                c.log_batch(run_id, metrics=metrics)
-        if op.get("register"):
-            self._register_model(op["register"], model, run_id)
-        self.logged_models[op["name"]] = model.model_id
-
-    def _register_model(self, name: str, model, run_id: str) -> None:
-        """A version of registered model `name` whose source is `models:/<model_id>` (the UI then links the
-        LoggedModel), unless one exists."""
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        c, source = self.client, f"models:/{model.model_id}"
-        try:
-            c.create_registered_model(name, description=f"cnnclf: best models of sweeps ({self.experiment})")
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        versions = [
-            v for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if v.source == source
-        ]
-        if versions:
-            self.registered[name] = str(versions[0].version)
-            self._link_version(model.model_id, name, self.registered[name])
-        else:
-            # A database store resolves a models:/ source with MLflow's *global* client (a TODO in MLflow),
-            # so point it at this store for the call; a server resolves it itself.
-            before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-            mlflow.set_tracking_uri(self.tracking_uri)
-            try:
-                version = c.create_model_version(name, source, run_id=run_id, model_id=model.model_id)
-                self.registered[name] = str(version.version)
-            finally:
-                mlflow.set_tracking_uri(before)
-            self._link_version(model.model_id, name, self.registered[name])
-
-    def _link_version(self, model_id: str, name: str, version: str) -> None:
-        """The logged model's `mlflow.modelVersions` tag, which the UI's Models tab reads for its Registered
-        models column (`mlflow.register_model` sets it; `create_model_version` does not)."""
-        model = self.client.get_logged_model(model_id)
-        linked = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
-        if {"name": name, "version": version} not in [{k: str(v) for k, v in x.items()} for x in linked]:
-            linked.append({"name": name, "version": version})
-            self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(linked)})
+    fields = {k: d[k] for k in ("name", "digest", "source_type", "source", "schema", "profile") if k in d}
+    return DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", d["context"])])
 
 
 def _one_line(e: BaseException) -> str:
