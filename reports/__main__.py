@@ -81,9 +81,6 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as e:  # an unknown scheme, a database MLflow cannot open: unusable input, not a bug
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ReportError(f"--tracking-uri: cannot open {uri}: {first.strip()}") from None
-    if uri.startswith("sqlite:///"):
-        for where in missing_artifacts(uri):  # a moved store: its runs would list no artifacts, silently
-            print(f"reports: warning: the artifact folder of experiment {where} is missing", file=sys.stderr)
     known = {}
     for exp in experiments:
         if experiment_id(c, exp, uri) is None:
@@ -107,6 +104,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ReportError(f"--sweep: no sweep {', '.join(map(repr, unknown))} in {', '.join(map(repr, known))}")
     from reports.report import build_report  # matplotlib and Optuna only once there is something to draw
 
+    todo = []  # every check first: a bad name is exit 2 before any report is written
     for exp, sweeps in known.items():
         if named:
             names = [n for n in named if n in set(sweeps["sweep"])]
@@ -117,7 +115,11 @@ def _main(args: argparse.Namespace) -> int:
         folder = names[0] if len(names) == 1 else f"{exp}-compare"
         if why := name_error(folder):  # a name from the store (an old sweep, another tool) never leaves --out
             raise ReportError(f"--sweep: cannot write a report folder for it: {why}")
-        out = args.out / folder
+        todo.append((exp, names, args.out / folder))
+    if uri.startswith("sqlite:///"):
+        for where in missing_artifacts(uri):  # a moved store: its runs would list no artifacts, silently
+            print(f"reports: warning: the artifact folder of experiment {where} is missing", file=sys.stderr)
+    for exp, names, out in todo:
         files = build_report(uri, exp, names, out)
         plots = sum(f.suffix == ".png" for f in files)
         print(f"{exp}: {files[0]} (+ report.html, trials.csv, {plots} plots) for {', '.join(names)}", flush=True)
