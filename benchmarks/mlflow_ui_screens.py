@@ -461,8 +461,17 @@ def tour(
 
         def open_report() -> dict:
             tab.click("[data-testid=artifact-tree-node][artifact-name=report]")
-            tab.click("[data-testid=artifact-tree-node][artifact-name$='report.md']")
-            tab.wait_for("!document.body.innerText.includes('Select a file to preview')", "report.md's preview")
+            # The folder opens with an animation: a click aimed while rows still move can land on the
+            # row above (report.html). Click again until report.md's own preview shows.
+            shows_md = "document.body.innerText.includes('report/report.md')"
+            for attempt in range(4):
+                tab.click("[data-testid=artifact-tree-node][artifact-name$='report.md']")
+                try:
+                    tab.wait_for(shows_md, "report.md's preview", timeout=10 if attempt < 3 else 30)
+                    break
+                except TimeoutError:
+                    if attempt == 3:
+                        raise
             return {"artifacts": tab.js(ARTIFACTS_JS)}
 
         ml = "workflowType=machine_learning"
