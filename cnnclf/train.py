@@ -287,6 +287,10 @@ def _train(
     constant_lr = cfg.schedule == "constant" and int(cfg.warmup_epochs * n_steps) == 0
     status = "completed"
     compile_s: float | None = None
+    # What the run has cost so far, carried across resumes in the checkpoint's metrics: training
+    # seconds (each epoch's wall time, its validation included) and images seen.
+    cost = {k: float(metrics.get(k, 0.0)) for k in ("cost/train_s", "cost/images")}
+    n_params = float(sum(p.numel() for p in model.parameters()))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
         g = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, epoch))
@@ -344,6 +348,7 @@ def _train(
                 "time/epoch_s": time.perf_counter() - t0,
                 "throughput/train_img_s": timed_images / max(train_s, 1e-9),
                 "train/lr": optimizer.param_groups[0]["lr"],
+                **_spent(cost, time.perf_counter() - t0, seen, n_params),
             }
             if compile_s is not None and epoch == start_epoch + 1:
                 metrics["time/compile_s"] = compile_s
@@ -351,6 +356,7 @@ def _train(
                 report(epoch, metrics, None)
             break
         val = evaluate(model, data.val_x, data.val_y, normalize, num_classes)
+        epoch_s = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
             "train/loss": loss_sum.item() / seen,
@@ -358,9 +364,10 @@ def _train(
             "val/loss": val["loss"],
             "val/acc": val["acc"],
             "diverged": 0.0,
-            "time/epoch_s": time.perf_counter() - t0,
+            "time/epoch_s": epoch_s,
             "throughput/train_img_s": timed_images / train_s,
             "train/lr": optimizer.param_groups[0]["lr"],
+            **_spent(cost, epoch_s, seen, n_params),
         }
         if compile_s is not None and epoch == start_epoch + 1:
             metrics["time/compile_s"] = compile_s  # the first epoch trained in this process
@@ -396,6 +403,13 @@ def _train(
         confusion=confusion,
     )
     return result
+
+
+def _spent(cost: dict, seconds: float, images: int, n_params: float) -> dict:
+    """Add an epoch to the run's running cost; the cost metrics as of this epoch."""
+    cost["cost/train_s"] += seconds
+    cost["cost/images"] += images
+    return {**cost, "model/params": n_params}
 
 
 def _saver(state_fn: Callable[[int, dict], dict], epoch: int, metrics: dict) -> SaveCheckpoint:

@@ -37,6 +37,7 @@ SGD_FAMILY, ADAM_FAMILY = spec.OPTIMIZER_FAMILIES["sgd"], spec.OPTIMIZER_FAMILIE
 OLD_METRICS = {"lr": "train/lr"}
 DROPPED_METRICS = ("diverged", "epoch")
 SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
+WARM_START_TAG = "warm_start.sources"  # on the parent run of a sweep run with --warm-start: the sources, comma-joined
 
 
 class ReportError(UsageError):
@@ -56,6 +57,7 @@ class SweepData:
     best_config: dict | None = None  # best_config.json
     confusion: dict | None = None  # eval/confusion.json: trial_id, classes, matrix (rows true, cols pred)
     samples: dict[str, np.ndarray] | None = None  # eval/samples.npz
+    warm_start: dict | None = None  # warm_start.json: sources, trials, left_out (see `_warm_start`)
     notes: list[str] = field(default_factory=list)  # why an artifact is missing or unreadable
 
 
@@ -307,6 +309,14 @@ def _load_artifacts(c, data: SweepData) -> None:
                 data.best_config = json.loads(p.read_text())
             except (OSError, ValueError) as e:
                 data.notes.append(f"`best_config.json` is unreadable ({described(e)})")
+        sources = data.parent["tags"].get(WARM_START_TAG)
+        if p := fetch("warm_start.json", top):
+            try:
+                data.warm_start = _warm_start(json.loads(p.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                data.notes.append(f"`warm_start.json` is unreadable ({described(e)})")
+        elif sources and "warm_start.json" not in top:
+            data.notes.append(f"`warm_start.json` is missing: the sweep was warm-started from {sources}")
         if p := fetch("eval/confusion.json", evals):
             try:
                 conf = json.loads(p.read_text())
@@ -326,6 +336,39 @@ def _load_artifacts(c, data: SweepData) -> None:
                 data.samples = samples
             except (OSError, ValueError, KeyError) as e:
                 data.notes.append(f"`eval/samples.npz` is unreadable ({described(e)})")
+
+
+def _warm_start(doc: dict) -> dict:
+    """warm_start.json checked: `sources` (sweep names), `trials` (each with `sweep`, `number`, `params`,
+    `value` (the val/acc the sampler was given; None when not a finite number) and `status`) and `left_out`
+    (each with `sweep`, `count` and `why`). KeyError, TypeError or ValueError when it is not so."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"a JSON object expected, not {type(doc).__name__}")
+
+    def listed(key: str, kind: type = dict) -> list:
+        items = doc.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(x, kind) for x in items):
+            raise TypeError(f"`{key}`: a list of {'objects' if kind is dict else 'names'} expected")
+        return items
+
+    trials = []
+    for t in listed("trials"):
+        params = t.get("params") or {}
+        if not isinstance(params, dict):
+            raise TypeError(f"trial params: a JSON object expected, not {type(params).__name__}")
+        v = t.get("value")
+        trials.append(
+            {
+                "sweep": str(t["sweep"]),
+                "number": t.get("number"),
+                "params": params,
+                "value": float(v) if spec.finite(v) else None,
+                "status": str(t.get("status", "completed")),
+            }
+        )
+    left_out = [{"sweep": str(x["sweep"]), "count": int(x["count"]), "why": str(x["why"])} for x in listed("left_out")]
+    sources = [str(x) for x in listed("sources", str) or dict.fromkeys(t["sweep"] for t in trials)]
+    return {"sources": sources, "trials": trials, "left_out": left_out}
 
 
 @contextlib.contextmanager

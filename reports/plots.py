@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 DPI = 100  # small PNGs: the HTML embeds every one of them
 OUTCOME_COLORS = {"completed": "tab:blue", "early_stopped": "tab:gray"}
@@ -244,4 +244,45 @@ def samples(s: dict[str, np.ndarray], cols: int = 8) -> Figure:
         )
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
+    return fig
+
+
+def pareto(
+    points: pd.DataFrame,
+    cost: str,
+    xlabel: str,
+    baseline: tuple[str, float, float] | None,
+    baselines: list[tuple[str, float]],
+    title: str,
+) -> Figure:
+    """val/acc against a cost: every trial of `points` (columns `cost`, val/acc, outcome, on_front,
+    trial_id), the Pareto front as a step line, the re-measured baseline as a star at (cost, val/acc)."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for outcome, color in OUTCOME_COLORS.items():
+        p = points[points["outcome"] == outcome]
+        if p.empty:
+            continue  # no legend entry for an outcome no trial had
+        ax.scatter(p[cost], p["val/acc"], s=22, color=color, label=outcome.replace("_", "-"), zorder=3)
+    front = points[points["on_front"]].sort_values(cost)
+    ax.step(front[cost], front["val/acc"], where="post", color="tab:green", lw=2, label="Pareto front", zorder=2)
+    for _, r in front.iterrows():
+        ax.annotate(
+            str(r["trial_id"]), (r[cost], r["val/acc"]), xytext=(4, -10), textcoords="offset points", fontsize=7
+        )
+    if baseline is not None:
+        label, x, y = baseline
+        ax.scatter([x], [y], marker="*", s=160, color="tab:red", edgecolor="black", zorder=4, label=label)
+    _baseline_lines(ax, baselines)
+    xs = [*points[cost], *([baseline[1]] if baseline else [])]
+    if min(xs) > 0 and max(xs) / min(xs) > 30:  # parameter counts and costs span decades
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if abs(x) >= 1000 else f"{x:g}"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final val/acc")
+    ax.yaxis.set_major_formatter(PCT)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
     return fig

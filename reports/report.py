@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from reports import analysis as an
-from reports import plots
+from reports import cost, plots
 from reports.data import SweepData, list_sweeps, load_sweep, metric_history, resolve_sweeps
+from reports.fmt import duration, mean_std, pct, pts, value
 from reports.render import Block, Bullets, Code, Heading, Image, Para, Table, write
 from sweeps.spec import ADAM_ONLY, DOCUMENTED, METRIC, ROLES, SEARCH_PARAMS, SGD_ONLY, Documented, finite
 
@@ -51,44 +50,6 @@ def build_report(tracking_uri: str, experiment: str, sweeps: list[str] | None, o
     csv = out_dir / "trials.csv"
     pd.concat([_trials_frame(s) for s in loaded], ignore_index=True).to_csv(csv, index=False)
     return [*write(blocks, title, out_dir), csv, *pngs]
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting: accuracies are fractions in MLflow and percent with two decimals in the report.
-
-
-def pct(x) -> str:
-    return f"{100 * x:.2f}%" if finite(x) else "–"
-
-
-def pts(d) -> str:
-    return f"{100 * d:+.2f} pts" if finite(d) else "–"
-
-
-def mean_std(mean, std, n: int) -> str:
-    """`mean ± std` in percent; the std of one run is undefined (NaN in confirmation_stats) and never shown."""
-    if not n or not finite(mean):
-        return "–"
-    if n == 1 or not finite(std):
-        return f"{pct(mean)} ({'one run' if n == 1 else f'n={n}'}, no std)"
-    return f"{pct(mean)} ± {100 * std:.2f}"
-
-
-def duration(seconds) -> str:
-    if not finite(seconds):
-        return "–"
-    s = round(seconds)
-    h, m, sec = s // 3600, s % 3600 // 60, s % 60
-    return f"{h}h {m:02d}m" if h else (f"{m}m {sec:02d}s" if m else f"{sec}s")
-
-
-def value(v) -> str:
-    """A hyperparameter in a table: blank where not applicable, floats to 3 significant digits."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float | np.floating):
-        return f"{v:.3g}"
-    return str(v)
 
 
 def _provenance(tracking_uri: str, experiment: str) -> str:
@@ -276,6 +237,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
                 "optimizers and blank `amsgrad` for SGD: those settings do not apply. Every run is in `trials.csv`."
             )
         )
+    cost.prior_section(s, blocks, h + 1)
     blocks.append(Heading(h, "Outcomes"))
     oc = an.outcome_counts(runs)
     blocks.append(
@@ -288,6 +250,8 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
     errors = vis[(vis["outcome"] == "error") & vis["error"].notna()] if "error" in vis else vis.iloc[:0]
     if len(errors):
         blocks.append(Bullets([f"`{r['trial_id']}` failed: {r['error']}" for _, r in errors.iterrows()]))
+
+    cost.cost_section(s, out_dir, prefix, blocks, pngs, h)
 
     # --- 4. plots
     blocks.append(Heading(h, "Plots"))

@@ -85,9 +85,12 @@ class MLflowCallback(tune.Callback):
     then applied by a background thread, so Tune's loop never waits on the tracking server.
     """
 
-    def __init__(self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict) -> None:
+    def __init__(
+        self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict, tune_name: str = ""
+    ) -> None:
         self.folder, self.base, self.baseline, self.sweep_params = journal.folder, base, baseline, sweep_params
         self.sweep = journal.sweep
+        self.tune_name = tune_name  # the Tune experiment (a sweep has several: search, extensions, confirmation)
         self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
         # Trials seen to end (on_trial_complete / on_trial_error, or already ended when a restored
         # sweep began). On Ctrl-C, Tune's cleanup marks running trials TERMINATED without telling
@@ -129,6 +132,7 @@ class MLflowCallback(tune.Callback):
             name=f"{role}-{trial.trial_id}",
             ts=now_ms(),
             trial_id=trial.trial_id,
+            experiment=getattr(self, "tune_name", ""),  # a callback pickled by an older version has none
             config=_plain(trial.config),
             tags={
                 "sweep": self.sweep,
@@ -210,8 +214,12 @@ class MLflowCallback(tune.Callback):
             self.journal.append("log", key, tags=[["retries", str(trial.num_failures)]])
 
     def on_experiment_end(self, trials, **info) -> None:
-        # This Tuner's trials; one that never reported its end was cut short by an interruption.
-        self.trial_statuses = {t.trial_id: t.status if t.trial_id in self.ended else "INTERRUPTED" for t in trials}
+        # This Tuner's trials; one that never reported its end was cut short by an interruption. A restored
+        # Tuner whose trials had all ended runs no step: the journal, which saw them end, says so.
+        j = self.journal
+        closed = {t.trial_id for t in trials if (e := j.trials.get(j.key_of(t.trial_id))) and e.status is not None}
+        ended = self.ended | closed
+        self.trial_statuses = {t.trial_id: t.status if t.trial_id in ended else "INTERRUPTED" for t in trials}
 
 
 def _plain(config: dict) -> dict:

@@ -26,7 +26,9 @@ from cnnclf.args import Parser
 from cnnclf.config import ConfigError, TrainConfig, name_error
 from sweeps import store
 from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
+from sweeps.journal import Journal, read_meta
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
+from sweeps.warmstart import settings_of
 
 
 def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
@@ -99,10 +101,12 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
     _check_fit(base, baseline, args)
     v["name"] = args.name or f"{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     v["storage"] = storage_uri(args.storage_path)
+    v["task"], v["warm_start"] = spec.task, tuple(dict.fromkeys(args.warm_start))
     _check_places(v)
     load |= {"image_size": base.image_size, "val_fraction": base.val_fraction, "test_fraction": base.test_fraction}
     load["seed"] = args.seed
     v |= {"base": base, "baseline": baseline, "ranges": ranges, "fixed": fixed, "faults": faults}
+    v["trial_settings"] = settings_of(base, fixed, ranges, load)
     return _build(spec, v), load
 
 
@@ -110,8 +114,9 @@ def _build(spec: TaskSpec, v: dict) -> Settings:
     """Settings from the resolved flags `v` (with base, baseline, ranges, fixed and faults added)."""
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     argv += [] if "--name" in argv else ["--name", v["name"]]
-    derived = ("base", "baseline", "ranges", "fixed", "faults")
-    logged = {k: (x if isinstance(x, int | float | str) else str(x)) for k, x in v.items() if k not in derived}
+    derived = ("base", "baseline", "ranges", "fixed", "faults", "trial_settings", "task")
+    logged = {k: ",".join(x) if isinstance(x, tuple) else x for k, x in v.items() if k not in derived}
+    logged = {k: (x if isinstance(x, int | float | str) else str(x)) for k, x in logged.items()}
     fields = {f.name for f in dataclasses.fields(Settings)} & v.keys()
     return Settings(
         **{k: v[k] for k in fields},
@@ -152,9 +157,31 @@ def _check_places(v: dict) -> None:
     path = f"{storage.rstrip('/')}/{name}"
     if v["resume"] and not (can_restore(path) or (journal_dir / "ops.jsonl").exists()):
         raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
+    if v["resume"] and (journal_dir / "ops.jsonl").exists():
+        ran = sum(read_meta(journal_dir).get("phases") or [0])
+        if v["num_samples"] < ran:
+            raise UsageError(
+                f"argument --num-samples: sweep {name!r} has {ran} search trials; a resumed sweep keeps them "
+                f"all (give {ran}, or more to extend it)"
+            )
+    _check_sources(v)
     exists = ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists()
     if not v["resume"] and exists:
         raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
+
+
+def _check_sources(v: dict) -> None:
+    """Each --warm-start sweep: another sweep of this task, with its Optuna study under --out."""
+    from sweeps.warmstart import study_path
+
+    for source in v["warm_start"]:
+        if source == v["name"]:
+            raise UsageError(f"argument --warm-start: {source!r} is this sweep; name earlier sweeps")
+        if not study_path(v["out"], source).is_file():
+            raise UsageError(f"argument --warm-start: no sweep {source!r} with an Optuna study under {v['out']}")
+        task = read_meta(v["out"] / source / "journal").get("task")
+        if task not in (None, v["task"]):
+            raise UsageError(f"argument --warm-start: {source!r} is a {task} sweep, not {v['task']}")
 
 
 def tracking(step: str, uri: str) -> None:
@@ -196,12 +223,11 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
     from sweeps.driver import quiet_mlflow_http
     from sweeps.finish import write_report
-    from sweeps.journal import Journal
 
     folder = args.out / args.name / "journal"
     if not (folder / "ops.jsonl").exists():
         raise UsageError(f"argument --name: no journal of a sweep {args.name!r} under {args.out}")
-    meta = Journal(folder, "", "", args.name, verbose=False).meta
+    meta = read_meta(folder)
     uri = args.tracking_uri or meta.get("tracking_uri") or store.DEFAULT_URI
     tracking("check", uri)
     tracking("prepare", uri)
@@ -298,6 +324,16 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
     p.add_argument("--confirm-top", type=int, default=3, help="how many top configs --confirm retrains")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke-test", action="store_true", help="2 trials + baseline, 1 epoch, small subset")
+    p.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="seed the sampler with the finished search trials of earlier sweep NAME of this task (repeatable)",
+    )
+    p.add_argument(
+        "--gpu-hour-price", type=float, default=None, help="price of a GPU-hour: the report adds the sweep's cost"
+    )
 
 
 def _resource_flags(p: argparse.ArgumentParser) -> None:
@@ -368,6 +404,10 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.experiment.strip() != "", "--experiment", "expected a name")
     if args.register_model is not None:
         need(name_error(args.register_model) is None, "--register-model", name_error(args.register_model) or "")
+    for source in args.warm_start:
+        need(name_error(source) is None, "--warm-start", name_error(source) or "")
+    price = args.gpu_hour_price
+    need(price is None or (price >= 0 and math.isfinite(price)), "--gpu-hour-price", "expected a number >= 0")
     if args.address is not None:
         need(
             args.address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.address) is not None,

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
-from sweeps import callbacks, resume, runs
-from sweeps.finish import Ending, collect, confirm_configs, finish, rank
-from sweeps.journal import Journal
-from sweeps.searchers import FixedConfigs, Space, close_study, make_searcher
+from sweeps import callbacks, resume, runs, warmstart
+from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
+from sweeps.journal import SWEEP_KEY, Journal
+from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher
 from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
 from sweeps.trainable import TrialSetup, run_trial
+from sweeps.warmstart import Priors
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -65,6 +66,9 @@ class Settings:
     ray_num_gpus: float | None
     mlflow_wait: float
     register_model: str | None = None  # --register-model: the Model Registry name of the best model
+    warm_start: tuple[str, ...] = ()  # earlier sweeps whose trials seed the sampler
+    gpu_hour_price: float | None = None  # the report prices the sweep's GPU-hours
+    trial_settings: dict = dataclasses.field(default_factory=dict)  # sweeps.warmstart.settings_of
     faults: tuple = ()
     params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
     resume_command: str = ""
@@ -86,6 +90,7 @@ class Sweep:
     journal: Journal
     arrays: dict
     gpus: float
+    priors: Priors | None = None  # --warm-start
 
     def trainable(self, experiment_path: str):
         from ray import tune
@@ -112,12 +117,17 @@ def run_sweep(s: Settings, data) -> int:
 
     with ray_session(s):
         journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
+        priors = _priors(s)
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
             meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
+            if priors is not None:
+                path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
+                meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
             journal.append("meta", data=meta | {"datasets": runs.datasets(data.manifest, s.spec.task)})
         try:
-            sweep = Sweep(s, journal, _shared_arrays(s, data), _gpus(s, ray.cluster_resources().get("GPU", 0)))
+            gpus = _gpus(s, ray.cluster_resources().get("GPU", 0))
+            sweep = Sweep(s, journal, _shared_arrays(s, data), gpus, priors)
             try:
                 return _run(sweep, data)
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
@@ -131,20 +141,30 @@ def run_sweep(s: Settings, data) -> int:
 
 
 def _run(sweep: Sweep, data) -> int:
-    """Search, confirm, finish: the sweep's whole normal path."""
+    """Search (in as many Tuners as the sweep was extended), confirm, finish: the sweep's whole normal path."""
     s = sweep.s
-    total = s.num_samples + s.with_baseline
-    results, statuses = _fit(sweep, s.path, _search_tuner, total, ("trial", "baseline"))
-    if results is None:
-        return sweep.interrupted()
+    rows: list = []
+    statuses: dict = {}
+    phases = _phases(sweep)
+    for i, n in enumerate(phases):
+        path = _phase_path(s, i)
+        results, st = _fit(sweep, path, _search_tuner(i), n + (s.with_baseline and i == 0), ("trial", "baseline"))
+        if results is None:
+            return sweep.interrupted()
+        rows += collect(results, s.base, s.baseline)
+        statuses |= st
     close_study(s.out_dir / "optuna.db", s.name)
-    rows = collect(results, s.base, s.baseline)
+    done = _confirmed_before(sweep, len(phases))
+    rows += done
+    confirmed = {r.confirm_of for r in done}
     confirm = confirm_configs(rank(rows), s.confirm_top, s.confirm, s.seed) if s.confirm else []
+    confirm = [c for c in confirm if c["confirm_of"] not in confirmed]  # an extension confirms only its new top
     if confirm:
         # The top configurations again with fresh seeds (same data and splits), so no claim rests on
         # one lucky run. A second Tuner in the same Ray session; FIFO, no search.
         print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
-        cresults, cstatuses = _fit(sweep, f"{s.path}-confirm", _confirm_tuner(confirm), len(confirm), ("confirm",))
+        path = _confirm_path(s, len(phases))
+        cresults, cstatuses = _fit(sweep, path, _confirm_tuner(confirm), len(confirm), ("confirm",))
         if cresults is None:
             return sweep.interrupted()
         rows += collect(cresults, s.base, s.baseline)
@@ -154,13 +174,60 @@ def _run(sweep: Sweep, data) -> int:
     return _exit_code(sweep, summary)
 
 
+def _phases(sweep: Sweep) -> list[int]:
+    """Search trials per Tuner: [--num-samples] for a new sweep; `--resume` with a larger --num-samples
+    adds a Tuner for the difference (same study, same MLflow parent). Kept in the journal."""
+    s, journal = sweep.s, sweep.journal
+    phases = list(journal.meta.get("phases") or [s.num_samples])
+    if s.num_samples > sum(phases):
+        print(f"extending {s.name}: {s.num_samples - sum(phases)} more search trials (--num-samples {s.num_samples})")
+        phases.append(s.num_samples - sum(phases))
+    if phases != journal.meta.get("phases"):
+        journal.append("meta", data={"phases": phases})
+        if len(phases) > 1:  # the parent's sweep.num_samples param stays the first; this tag has them all
+            journal.append("log", SWEEP_KEY, tags=[["search.phases", "+".join(map(str, phases))]])
+    return phases
+
+
+def _phase_path(s: Settings, i: int) -> str:
+    return s.path if i == 0 else f"{s.path}-more{i}"
+
+
+def _confirm_path(s: Settings, phases: int) -> str:
+    """The confirmation Tuner after `phases` searches: `-confirm` first, `-confirm2`... after extensions."""
+    return f"{s.path}-confirm" if phases == 1 else f"{s.path}-confirm{phases}"
+
+
+def _confirmed_before(sweep: Sweep, phases: int) -> list:
+    """The confirmation runs of the sweep before it was extended (their Tuners' saved results)."""
+    from ray import tune
+
+    s, rows = sweep.s, []
+    for k in range(1, phases):
+        path = _confirm_path(s, k)
+        if resume.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=sweep.trainable(path))
+            rows += collect(tuner.get_results(), s.base, s.baseline)
+    return rows
+
+
+def _priors(s: Settings) -> Priors | None:
+    """The --warm-start sweeps' trials that ran under this sweep's settings (said on stdout)."""
+    if not s.warm_start:
+        return None
+    priors = warmstart.load(list(s.warm_start), s.out, s.trial_settings)
+    for line in priors.lines():
+        print(line, flush=True)
+    return priors
+
+
 def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...]):
     """Fit the Tuner at `path` (restored on --resume) to `total` trials; (results, statuses), or (None, {})
     when it was interrupted (Tune returns normally after Ctrl-C, with trials still pending or running)."""
     s, name = sweep.s, Path(path).name
     tuner, known = None, set()
-    if s.resume:
-        study = s.out_dir / "optuna.db" if name == s.name else None
+    if s.resume and (name in (s.name, f"{s.name}-confirm") or _began(path)):
+        study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
         tuner, known = resume.restore(path, sweep.trainable(path), study)
     tuner = tuner or new_tuner(sweep, path, total)
     resume.adopt(sweep.journal, name, path, known, roles)
@@ -174,22 +241,35 @@ def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...])
     return results, statuses
 
 
-def _search_tuner(sweep: Sweep, path: str, total: int):
-    from ray.tune.schedulers import FIFOScheduler
+def _began(path: str) -> bool:
+    """Whether a Tuner of an extension or a later confirmation was started at `path` before."""
+    return resume.can_restore(path) or ("://" not in path and Path(path).is_dir())
 
-    s = sweep.s
-    baseline = None
-    if s.with_baseline:
-        baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
-    space = Space(s.ranges, s.fixed, experiment=s.name)
-    searcher = make_searcher(space, baseline, s.seed, s.out_dir / "optuna.db", s.max_concurrent)
-    scheduler = FIFOScheduler()
-    if s.scheduler == "asha":
-        grace = min(s.grace_period, s.max_epochs)
-        scheduler = callbacks.SweepASHA(
-            time_attr="epoch", metric=METRIC, mode=MODE, max_t=s.max_epochs, grace_period=grace, reduction_factor=3
-        )
-    return _tuner(sweep, path, total, searcher, scheduler)
+
+def _search_tuner(phase: int):
+    """A new Tuner for search `phase` (0: the sweep's first, with the baseline; then its extensions)."""
+
+    def new_tuner(sweep: Sweep, path: str, total: int):
+        from ray.tune.schedulers import FIFOScheduler
+
+        s = sweep.s
+        baseline = None
+        if s.with_baseline and phase == 0:
+            baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
+        space = Space(s.ranges, s.fixed, experiment=s.name)
+        salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
+        known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt)
+        study = s.out_dir / "optuna.db"
+        searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
+        scheduler = FIFOScheduler()
+        if s.scheduler == "asha":
+            grace = min(s.grace_period, s.max_epochs)
+            scheduler = callbacks.SweepASHA(
+                time_attr="epoch", metric=METRIC, mode=MODE, max_t=s.max_epochs, grace_period=grace, reduction_factor=3
+            )
+        return _tuner(sweep, path, total, searcher, scheduler)
+
+    return new_tuner
 
 
 def _confirm_tuner(configs: list[dict]):
@@ -203,7 +283,7 @@ def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
     from ray import tune
 
     s = sweep.s
-    mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params)
+    mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
     progress = callbacks.ProgressCallback(total, s.base, s.baseline)
     return tune.Tuner(
         sweep.trainable(path),

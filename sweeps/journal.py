@@ -44,6 +44,23 @@ def live(folder: Path) -> Journal:
     return _LIVE[Path(folder).resolve()]
 
 
+def read_meta(folder: Path) -> dict:
+    """A sweep's facts ("meta" ops) from its journal folder, read only (nothing opened for writing)."""
+    meta: dict = {}
+    path = Path(folder) / "ops.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+    for line in lines:
+        try:
+            op = json.loads(line) if line.endswith(b"\n") else None
+        except ValueError:
+            op = None
+        if op is None:
+            break  # a line a kill cut short, and anything after it (as the journal itself reads it)
+        if op.get("op") == "meta":
+            meta.update(op["data"])
+    return meta
+
+
 def trial_key(trial_id: str) -> str:
     return f"trial:{trial_id}"
 
@@ -58,6 +75,7 @@ class TrialEntry:
     last_step: int = 0  # last epoch whose metrics were journaled
     status: str | None = None  # MLflow status of its last terminal op, None while open
     adopted_by: list[str] = field(default_factory=list)  # later Tune trial ids that continued it
+    experiment: str | None = None  # the Tune experiment it ran in (None: a journal from before extensions)
 
 
 class Journal:
@@ -123,7 +141,7 @@ class Journal:
         elif kind == "create_run" and key == SWEEP_KEY:
             self.sweep_created = True
         elif kind == "create_run" and key != SWEEP_KEY and key not in self.trials:
-            self.trials[key] = TrialEntry(key, op["trial_id"], op["config"])
+            self.trials[key] = TrialEntry(key, op["trial_id"], op["config"], experiment=op.get("experiment"))
         elif kind == "log" and key in self.trials:
             steps = [m[3] for m in op.get("metrics", [])]
             self.trials[key].last_step = max([self.trials[key].last_step, *steps])

@@ -39,11 +39,14 @@ class Orphans:
 
     @classmethod
     def from_journal(cls, journal, known: set[str], experiment_path: str, roles: tuple[str, ...]) -> Orphans:
-        entries = []
+        entries, name = [], Path(experiment_path).name
         for t in journal.trials.values():
             role = t.config.get("role", "trial")
             if role not in roles or t.trial_id in known or any(a in known for a in t.adopted_by):
                 continue
+            # Entries from before extensions say no experiment: the first search, or the first confirmation.
+            if (t.experiment or (journal.sweep if role != "confirm" else f"{journal.sweep}-confirm")) != name:
+                continue  # another Tuner's trial (an earlier search of an extended sweep)
             ids = [t.trial_id, *t.adopted_by]
             dirs = [str(Path(experiment_path) / f"{role}-{i}") for i in ids] if "://" not in experiment_path else []
             entries.append(Orphan(t.trial_id, role, _strip(t.config), dirs, ended=t.status is not None))

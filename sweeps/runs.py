@@ -33,9 +33,14 @@ def open_parent(journal: Journal, sweep_params: dict) -> None:
         tags[NOTE] = f"Sweep {journal.sweep} of {task}: running. {about}"
         if journal.meta.get("command"):
             tags["command"] = journal.meta["command"]
+        warm = journal.meta.get("warm_start")
+        if warm:  # which sweeps its sampler learned from (the trials: warm_start.json)
+            tags |= {"warm_start.sources": ",".join(warm["sources"]), "warm_start.trials": str(warm["trials"])}
         params = {f"{SWEEP_PARAM_PREFIX}{k}": str(v) for k, v in sweep_params.items()}
         journal.append("create_run", SWEEP_KEY, name=journal.sweep, ts=now_ms(), tags=tags, params=params)
         log_datasets(journal, SWEEP_KEY)
+        if warm:
+            log_files(journal, [(Path(warm["file"]), None)])
     journal.start()
 
 
@@ -143,6 +148,9 @@ def describe_parent(journal: Journal, best: dict | None, summary: dict) -> str:
         marks.append(("the baseline re-measured here", summary.get("baseline_test_acc")))
         vs = [f"{100 * (test - b):+.2f} pts vs {what} ({b:.2%})" for what, b in marks if finite(b) and finite(test)]
         note += f" Test accuracy {'; '.join(vs)}." if vs else ""
+        warm = journal.meta.get("warm_start")
+        if warm:
+            note += f" Learned from {', '.join(warm['sources'])} ({warm['trials']} prior trials, not ranked here)."
         conf = best.get("confirmation") or {}
         if conf.get("n"):
             std = f" ± {conf['test_std']:.2%}" if finite(conf.get("test_std")) else " (one run, no std)"

@@ -14,6 +14,8 @@ import pickle
 import sqlite3
 import sys
 import tempfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import METRIC, MODE, Ranges
+from sweeps.warmstart import SETTINGS_ATTR, WARM_ATTR
 
 _ASKED: dict[str, int] = {}  # experiment name -> number of the Optuna trial its Space was last asked for
 _HAND_OUT_AGAIN: dict[str, object] = {}  # experiment name -> trials to hand out again first (sweeps/resume.py)
@@ -85,23 +88,50 @@ class Space:
         return params
 
 
+@dataclass(frozen=True)
+class Known:
+    """What a sweep's sampler starts from besides its own trials: the settings its trials run under
+    (recorded on each, for later warm starts), earlier sweeps' trials (`--warm-start`), and a salt that
+    gives its random start-up draws their own sequence (a warm-started or extended sweep with the
+    seed of the sweep it learns from would otherwise draw that sweep's first configurations again)."""
+
+    settings: dict = field(default_factory=dict)
+    prior: list = field(default_factory=list)  # optuna FrozenTrials (sweeps.warmstart.Priors.trials)
+    salt: str = ""
+
+    def sampler_seed(self, seed: int) -> int:
+        return seed if not self.salt else (seed + zlib.crc32(self.salt.encode())) % 2**31
+
+
 class BaselineThenOptuna(Searcher):
     """Hands out the seed baseline as the first trial, outside Optuna's study (it is not in the
     search space), then delegates to OptunaSearch. An errored trial is told to Optuna as FAIL,
     not as COMPLETE with its last value; every told trial carries a `status` user attribute."""
 
-    def __init__(self, space: Space, baseline: dict | None, seed: int, study: Path) -> None:
+    # Class defaults for searchers pickled before these attributes existed (a sweep resumed across versions).
+    tune_name: str | None = None
+    settings: dict = {}  # noqa: RUF012 (never mutated; instances assign their own)
+
+    def __init__(
+        self, space: Space, baseline: dict | None, seed: int, study: Path, known: Known | None = None, tune_name=None
+    ) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.experiment, self.space, self.baseline = space.experiment, space, baseline
+        self.tune_name = tune_name or space.experiment  # an extended sweep's later Tuners: the same study
         self.study_path = study
+        known = known or Known()
+        self.settings = known.settings
         self.inner = OptunaSearch(
             space=space,
             metric=METRIC,  # define-by-run: metric and mode must be given here, or the sweep fails
             mode=MODE,
-            sampler=TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8),
+            sampler=TPESampler(seed=known.sampler_seed(seed), multivariate=True, group=True, n_startup_trials=8),
             study_name=space.experiment,
             storage=optuna_storage(study),
         )
+        study_now = self.study()
+        if known.prior and not any(WARM_ATTR in t.user_attrs for t in study_now.get_trials(deepcopy=False)):
+            study_now.add_trials(known.prior)  # once: a restored study has them already
         self.baseline_trial: str | None = None
         self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self.told: set[str] = set()  # trials whose end Optuna was told (a rerun errored trial is not told twice)
@@ -110,7 +140,7 @@ class BaselineThenOptuna(Searcher):
         return self.inner.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str):
-        orphans = _orphans(self.experiment)
+        orphans = _orphans(self.tune_name or self.experiment)
         if self.baseline is not None and self.baseline_trial is None:
             self.baseline_trial = trial_id
             return orphans.claim(dict(self.baseline)) if orphans else dict(self.baseline)
@@ -155,6 +185,8 @@ class BaselineThenOptuna(Searcher):
         study_id = storage.get_study_id_from_name(self.experiment)
         tid = storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
         storage.set_trial_user_attr(tid, "status", status)
+        if self.settings:  # what a later --warm-start compares (sweeps/warmstart.py)
+            storage.set_trial_user_attr(tid, SETTINGS_ATTR, self.settings)
         self.told.add(trial_id)
         self.inner.on_trial_complete(trial_id, result=None if error else result, error=error)
 
@@ -194,9 +226,18 @@ def _deserialize(path: Path, data: bytes) -> None:
         src.backup(dst)
 
 
-def make_searcher(space: Space, baseline: dict | None, seed: int, study: Path, max_concurrent: int | None) -> Searcher:
-    """The sweep's searcher: `space.experiment` names the Optuna study, kept in the SQLite file `study`."""
-    searcher = BaselineThenOptuna(space, baseline, seed, study)
+def make_searcher(
+    space: Space,
+    baseline: dict | None,
+    seed: int,
+    study: Path,
+    max_concurrent: int | None,
+    known: Known | None = None,
+    tune_name: str | None = None,
+) -> Searcher:
+    """The sweep's searcher: `space.experiment` names the Optuna study, kept in the SQLite file `study`;
+    `tune_name` the Tune experiment it hands trials to (another one than the study's for an extension)."""
+    searcher = BaselineThenOptuna(space, baseline, seed, study, known, tune_name)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
 
 

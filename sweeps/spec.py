@@ -35,7 +35,7 @@ LOG_PARAMS = ("lr", "weight_decay")  # searched log-uniform (sweeps/searchers.py
 CATEGORICAL_PARAMS = ("batch_size", "kernel_size", "width")  # searched as categories (Space)
 META_KEYS = ("role", "confirm_of", "adopt")  # Tune config keys that are not TrainConfig fields
 SWEEP_PARAM_PREFIX = "sweep."  # the parent run's params are the sweep's flags, apart from trial hyperparameters
-METRIC_PREFIXES = ("train/", "val/", "test/", "time/", "throughput/", "resources/", "system/")
+METRIC_PREFIXES = ("train/", "val/", "test/", "time/", "throughput/", "resources/", "system/", "cost/", "model/")
 ROLES = ("trial", "baseline", "confirm")
 # How a trial ended. completed: all its epochs; early_stopped: by ASHA; diverged: non-finite loss;
 # oom: out of device memory; error: raised on every attempt.

@@ -65,7 +65,7 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
         return  # the trial had ended before the driver went down; it is not trained twice
 
     def report(epoch: int, metrics: dict, save) -> None:
-        m = {**metrics, **extra, **system_metrics(device)}
+        m = {**metrics, **extra, **system_metrics(device), **device_seconds(metrics, extra)}
         fire(list(setup.faults), "epoch_end", config, epoch)
         if m.get("diverged"):
             # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
@@ -85,6 +85,14 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0])
     if failure is not None:
         tune.report({"epoch": 0, METRIC: 0.0, **failure, **extra})
+
+
+def device_seconds(metrics: dict, extra: dict) -> dict:
+    """GPU-seconds and CPU core-seconds so far: the trial's share of each times its training seconds."""
+    seconds = metrics.get("cost/train_s")
+    if seconds is None:
+        return {}
+    return {"cost/gpu_s": extra["resources/gpu"] * seconds, "cost/cpu_s": extra["resources/cpu"] * seconds}
 
 
 def system_metrics(device: str) -> dict:

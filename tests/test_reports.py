@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,7 @@ class Sweep:
         mlflow_status: str = "FINISHED",
         diverged_at: int | None = None,
         tags: dict | None = None,
+        more: Callable[[int, int], dict] | None = None,  # (epoch, epochs) -> more metrics of that epoch
     ) -> str:
         start_s, end_s = span
         tags = {"mlflow.parentRunId": self.parent, "sweep": self.name, "trial_id": tid, "role": role, **(tags or {})}
@@ -90,6 +92,7 @@ class Sweep:
         for epoch in range(1, epochs + 1):
             ts = T0 + int((start_s + (end_s - start_s) * epoch / epochs) * 1000)
             m = {"train/acc": 0.5, "time/epoch_s": 12.5, "throughput/train_img_s": 900.0, "train/lr": cfg.lr}
+            m |= more(epoch, epochs) if more else {}
             if epoch == diverged_at:
                 self.c.set_tag(rid, "diverged", "true")  # val/acc, val/loss, train/loss are stand-ins then: not logged
             else:

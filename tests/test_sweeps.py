@@ -350,9 +350,11 @@ def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_
     configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}
     for tid, cfg in configs.items():
         journal.append("create_run", trial_key(tid), trial_id=tid, config=cfg, ts=0)
+    # An extension's trial (another Tune experiment of the same sweep) is never an orphan of the first search.
+    journal.append("create_run", trial_key("x"), trial_id="x", config=configs["a"], ts=0, experiment="s-more1")
     # Tune's last snapshot knew "a" and "b"; "c" began after it, then the driver was killed.
-    orphans = Orphans.from_journal(journal, {"a", "b"}, str(tmp_path / "exp"), roles=("trial", "baseline"))
-    assert [(o.trial_id, o.dirs) for o in orphans.entries] == [("c", [str(tmp_path / "exp" / "trial-c")])]
+    orphans = Orphans.from_journal(journal, {"a", "b"}, str(tmp_path / "s"), roles=("trial", "baseline"))
+    assert [(o.trial_id, o.dirs) for o in orphans.entries] == [("c", [str(tmp_path / "s" / "trial-c")])]
 
     space = Space(SPEC.ranges, {"width": 8}, experiment="again")
     again = make_searcher(space, None, seed=7, study=tmp_path / "again.db", max_concurrent=None)  # another seed
