@@ -52,6 +52,7 @@ import torch
 from cnnclf.config import PRESETS, TrainConfig
 from cnnclf.data import TaskData, load_task, stratified_subset
 from cnnclf.train import COMPILE_MODES, resolve_device, train
+from sweeps.budget import expected_fraction  # Ray-free: the device machine has no Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -370,13 +371,9 @@ class Bench:
 
 def asha_expected_epochs(max_t: int, grace: int = 1, rf: int = 3) -> float:
     """Epochs a search trial trains under ASHA if each rung keeps exactly its top 1/rf: rungs at
-    grace * rf**i below max_t; the survivors of the last rung train to max_t."""
-    expected, alive, rung = 0.0, 1.0, grace
-    while rung < max_t:
-        expected += alive * (1 - 1 / rf) * rung
-        alive /= rf
-        rung *= rf
-    return expected + alive * max_t
+    grace * rf**i below max_t; the survivors of the last rung train to max_t (sweeps/budget.py's share)."""
+    rungs = [grace * rf**i for i in range(64) if grace * rf**i < max_t]
+    return max_t * expected_fraction(rungs, max_t, rf)
 
 
 def trimmed(data: TaskData, train_images: int | None, eval_images: int | None = None) -> TaskData:

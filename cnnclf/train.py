@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,31 @@ from cnnclf.models import build_model
 
 SaveCheckpoint = Callable[[str | os.PathLike], None]
 Report = Callable[[int, dict, SaveCheckpoint | None], None]
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a run trains, measured early (see `train`'s `probe`): what a cost guard projects from."""
+
+    seconds: float  # the timed training steps so far in this process (compilation excluded)
+    images: int  # the images those steps trained on
+    images_left: int  # images the run has still to train on after them, to its last epoch
+    spent: float  # training seconds of the run before this process (a resumed run), then this epoch's untimed start
+
+    def projected_s(self, extra_s: float = 0.0) -> float:
+        """The whole run's training seconds at this pace (`extra_s`: more seconds the timed steps took)."""
+        seconds = self.seconds + extra_s
+        return self.spent + seconds + self.images_left * seconds / max(1, self.images)
+
+
+Probe = Callable[[Pace], None]
+PROBE_STEPS, PROBE_S = 200, 20.0  # a run's pace is measured after this many timed steps, or seconds if sooner
+
+
+@dataclass(frozen=True)
+class Hooks:
+    report: Report | None = None
+    probe: Probe | None = None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -198,20 +224,25 @@ def train(
     device: str | torch.device | None = None,
     resume: str | os.PathLike | dict | None = None,
     mode: str | None = None,
+    probe: Probe | None = None,
 ) -> dict:
     """Train `cfg` on `data`; returns the final metrics plus `status` ("completed" or "diverged").
 
     `data` may already sit on the device (the sweeps move it once per trial); if not, it is
     moved here. The test set is evaluated once, after the last epoch, and never steers anything.
     `mode` overrides the torch.compile mode of a compiled run (benchmarks compare modes).
+    `probe` is called once with the run's `Pace`, after PROBE_STEPS timed steps or PROBE_S seconds of
+    the first epoch trained in this process (at that epoch's end if it is shorter); it may raise to
+    stop the run there (the sweeps' cost guard).
     """
     device = resolve_device(device)
     mode = (mode or compile_mode(cfg, device)) if compile_mode(cfg, device) else None
+    hooks = Hooks(report, probe)
     if mode is None:
-        return _train(cfg, data, report, device, resume, None)
+        return _train(cfg, data, hooks, device, resume, None)
     _reset_compiled()
     try:
-        return _train(cfg, data, report, device, resume, mode)
+        return _train(cfg, data, hooks, device, resume, mode)
     finally:
         _reset_compiled()  # the CUDA-graph memory pools go with the run, also when it fails (out of memory)
 
@@ -219,12 +250,13 @@ def train(
 def _train(
     cfg: TrainConfig,
     data: TaskData,
-    report: Report | None,
+    hooks: Hooks,
     device: torch.device,
     resume: str | os.PathLike | dict | None,
     mode: str | None,
 ) -> dict:
     started = time.perf_counter()
+    report, probe = hooks.report, hooks.probe
     data = data.to(device)
     num_classes = len(data.classes)
 
@@ -322,11 +354,19 @@ def _train(
             loss_sum += loss.detach() * len(yb)
             correct += step_correct
             seen += len(yb)
+            if probe is not None and step >= warmup and _probe_due(step - warmup + 1, t_timed):
+                per_epoch = n_steps * cfg.batch_size
+                left = per_epoch - seen + per_epoch * (cfg.epochs - epoch)
+                probe(_pace(device, (t0, t_timed), seen - seen_warmup, left, cost))
+                probe = None
             if step % check_every == check_every - 1 and not torch.isfinite(loss_sum):
                 diverged = True
                 break
         if not diverged and not torch.isfinite(loss_sum):
             diverged = True
+        if probe is not None and not diverged:  # an epoch shorter than the probe's steps: measured whole
+            probe(_pace(device, (t0, t_timed), seen - seen_warmup, seen * (cfg.epochs - epoch), cost))
+            probe = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t_timed
@@ -403,6 +443,19 @@ def _train(
         confusion=confusion,
     )
     return result
+
+
+def _probe_due(timed_steps: int, t_timed: float) -> bool:
+    return timed_steps >= PROBE_STEPS or (timed_steps % 8 == 0 and time.perf_counter() - t_timed >= PROBE_S)
+
+
+def _pace(device: torch.device, starts: tuple[float, float], images: int, left: int, cost: dict) -> Pace:
+    """The run's Pace now: `images` trained since the timed start in an epoch (starts: its start, the timed
+    start), `left` images still to train after them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, t_timed = starts
+    return Pace(time.perf_counter() - t_timed, images, max(0, left), cost["cost/train_s"] + (t_timed - t0))
 
 
 def _spent(cost: dict, seconds: float, images: int, n_params: float) -> dict:

@@ -34,6 +34,7 @@ NOT_HYPERPARAMS = ("task", "val_fraction", "test_fraction")  # data split settin
 PARAM_ORDER = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in (*NOT_HYPERPARAMS, "tags"))
 _LABELS = {
     "early_stopped": "early-stopped (ASHA)",
+    "too_slow": "too slow (cost guard)",
     "oom": "failed (out of memory)",
     "error": "failed (error)",
     "interrupted": "interrupted (KILLED)",

@@ -19,7 +19,7 @@ TOP_CURVES = 5
 CONFIRM_HEADER = ("confirmed trial", "its val/acc", "its test/acc", "n", "test/acc mean ± std", "val/acc mean ± std")
 CONFIRM_HEADER += ("seeds", "not finished")
 SWEEP_SETTINGS = ("num_samples", "max_epochs", "scheduler", "grace_period", "seed", "subset", "smoke_test")
-SWEEP_SETTINGS += ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address")
+SWEEP_SETTINGS += ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "budget_by", "max_trial_minutes")
 
 
 def build_report(tracking_uri: str, experiment: str, sweeps: list[str] | None, out_dir: Path) -> list[Path]:
@@ -140,6 +140,7 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
                     right=(1, 2, 3),
                 )
             )
+            blocks.append(Para(_budget_line(s)))
             blocks.append(
                 Para(
                     "“First beaten after”: wall time from the sweep's first trial start to the end of the first "
@@ -282,6 +283,14 @@ def _confirmed(runs: pd.DataFrame, best: pd.Series | None) -> str:
 
 def _blank_as(param: str) -> str:
     return "n/a" if param in SGD_ONLY + ADAM_ONLY else "None"  # not applicable vs TrainConfig's None (e.g. subset: all)
+
+
+def _budget_line(s: SweepData) -> str:
+    """Which budget mode ran: what ASHA's rungs counted, and the cost guard's limit (sweeps/budget.py)."""
+    text = s.parent["tags"].get("budget")
+    if text:
+        return f"**Budget**: {text}."
+    return "**Budget**: by epochs (ASHA's rungs counted epochs; a sweep from before time budgets, or run with FIFO)."
 
 
 def _beat(first: pd.Series | None) -> str:

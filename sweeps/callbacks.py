@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
 from sweeps import journal as journals
+from sweeps.budget import bar
 from sweeps.journal import Journal, now_ms, trial_key
 from sweeps.runs import NOTE, config_line, epochs_text, log_datasets, open_parent
 from sweeps.spec import (
@@ -191,11 +192,23 @@ class MLflowCallback(tune.Callback):
         self.ended.add(trial.trial_id)
         last = trial.last_result or {}
         kind = outcome_of(last, trial_config(trial.config, self.base, self.baseline).epochs)
-        mlflow_status = "FINISHED" if kind in ("completed", "early_stopped") else "FAILED"
+        mlflow_status = "FINISHED" if kind in ("completed", "early_stopped", "too_slow") else "FAILED"
         tags = {"stopped_by": "asha"} if kind == "early_stopped" else {}
-        if last.get("error"):
+        if kind == "too_slow":  # stopped on purpose: the projection, and what it had cost, on its run
+            tags = {"stopped_by": "cost_guard", "projection": str(last.get("error", ""))[:500]}
+            self._log_cost(trial, last)
+        elif last.get("error"):
             tags["error"] = str(last["error"])[:500]
         self._finish(trial, kind, mlflow_status, tags)
+
+    def _log_cost(self, trial, last: dict) -> None:
+        """The cost guard's figures (its result has no epoch of its own: logged at the trial's last step)."""
+        j = self.journal
+        key = j.key_of(trial.trial_id)
+        if key in j.trials:
+            ts, step = now_ms(), j.trials[key].last_step
+            metrics = [[k, float(v), ts, step] for k, v in last.items() if k.startswith("cost/") and finite(v)]
+            j.append("log", key, metrics=metrics)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended.add(trial.trial_id)
@@ -227,10 +240,14 @@ def _plain(config: dict) -> dict:
 
 
 class ProgressCallback(tune.Callback):
-    """One line per trial update and a sweep-level count, on stdout."""
+    """One line per trial update and a sweep-level count, on stdout; and one overall progress line (trials
+    done, best val/acc so far, the ETA) once the first trial reports and whenever a trial ends."""
 
-    def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig) -> None:
+    def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0) -> None:
         self.total, self.base, self.baseline = total, base, baseline
+        self.eta, self.n_train = eta, n_train  # sweeps.budget.Eta
+        self.started_ids: set[str] = set()
+        self._barred = False
         self.done = 0
         self.best = -math.inf
         self._counted = False
@@ -250,6 +267,7 @@ class ProgressCallback(tune.Callback):
             self._counted = True
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started_ids = getattr(self, "started_ids", set()) | {trial.trial_id}
         adopt = (trial.config.get("adopt") or {}).get("trial_id")
         note = f" (continues {adopt})" if adopt else ""
         print(f"{self._prefix()} {trial.trial_id} {trial.config.get('role', 'trial'):8s} started{note}", flush=True)
@@ -269,12 +287,33 @@ class ProgressCallback(tune.Callback):
             f"{result.get('throughput/train_img_s', 0):7.0f} img/s" + ("  DIVERGED" if result.get("diverged") else ""),
             flush=True,
         )
+        eta = getattr(self, "eta", None)  # a callback pickled by an older version has none
+        if eta is not None and not result.get("failure"):
+            eta.seen(trial.trial_id, self.n_train * planned, result, search=role == "trial")
+            if not self._barred:
+                self._barred = True
+                self._bar(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         best = f"{self.best:.4f}" if self.best > -math.inf else "-"
-        print(f"{self._prefix()} {trial.trial_id} finished; best val/acc so far {best}", flush=True)
+        last = trial.last_result or {}
+        how = "stopped: too slow, " if last.get("failure") == "too_slow" else ""
+        print(f"{self._prefix()} {trial.trial_id} finished; {how}best val/acc so far {best}", flush=True)
+        self._ended(trial, trials)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         print(f"{self._prefix()} {trial.trial_id} FAILED after {trial.num_failures} attempt(s)", flush=True)
+        self._ended(trial, trials)
+
+    def _ended(self, trial, trials) -> None:
+        if getattr(self, "eta", None) is not None:
+            self.eta.end(trial.trial_id)
+            self._bar(trials)
+
+    def _bar(self, trials) -> None:
+        started = sum(t.status in ("RUNNING", "TERMINATED", "ERROR") for t in trials)
+        left = self.eta.left_s(max(started, len(self.started_ids), self.done))
+        best = self.best if self.best > -math.inf else None
+        print(f"{self._prefix()} {bar(self.done, self.total, best, left)}", flush=True)

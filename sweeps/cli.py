@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
-import os
-import re
 import shlex
 import socket
 import sys
 import time
 from pathlib import Path
 
-from cnnclf.args import Parser
-from cnnclf.config import ConfigError, TrainConfig, name_error
+from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store
 from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
+from sweeps.flags import build_parser, check_args
 from sweeps.journal import Journal, read_meta
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
@@ -221,8 +218,8 @@ def check_reachable(address: str, timeout: float) -> None:
 
 def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
-    from sweeps.driver import quiet_mlflow_http
     from sweeps.finish import write_report
+    from sweeps.session import quiet_mlflow_http
 
     folder = args.out / args.name / "journal"
     if not (folder / "ops.jsonl").exists():
@@ -293,130 +290,3 @@ def _typed(name: str, raw: str, kind: str) -> object:
         return raw
     except ValueError:
         raise UsageError(f"argument --fix: {name}={raw!r} is not a valid {kind}") from None
-
-
-def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
-    p = Parser(
-        prog=f"sweeps/{spec.task}.py",
-        description=f"Ray Tune + Optuna sweep of cnnclf on {spec.task}; every trial in MLflow.",
-        epilog=spec.doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _search_flags(p, spec)
-    _resource_flags(p)
-    _place_flags(p, spec)
-    return p
-
-
-def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
-    p.add_argument("--num-samples", type=int, default=40, help="search trials (the seed baseline runs on top)")
-    p.add_argument(
-        "--max-epochs",
-        type=int,
-        default=None,
-        help=f"epochs per trial; ASHA's max_t (default {spec.default_max_epochs}; --fix epochs=N is the same setting)",
-    )
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
-    p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
-    p.add_argument("--confirm", type=int, default=3, help="retrain the top configs with this many fresh seeds (0: off)")
-    p.add_argument("--confirm-top", type=int, default=3, help="how many top configs --confirm retrains")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke-test", action="store_true", help="2 trials + baseline, 1 epoch, small subset")
-    p.add_argument(
-        "--warm-start",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="seed the sampler with the finished search trials of earlier sweep NAME of this task (repeatable)",
-    )
-    p.add_argument(
-        "--gpu-hour-price", type=float, default=None, help="price of a GPU-hour: the report adds the sweep's cost"
-    )
-
-
-def _resource_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help="fractional packs trials onto a GPU (0.25: four per GPU); default 0.5 with GPUs, else 0",
-    )
-    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial, from its checkpoint")
-    p.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001")
-    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the cluster at --address")
-    p.add_argument("--ray-num-gpus", type=float, default=None, help=argparse.SUPPRESS)  # declare GPUs (tests)
-
-
-def _place_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
-    p.add_argument(
-        "--storage-path",
-        default=os.environ.get("CNNCLF_STORAGE_PATH", "ray_results"),
-        help="local folder, NFS path or s3://bucket/prefix (default: $CNNCLF_STORAGE_PATH, else ./ray_results)",
-    )
-    p.add_argument("--name", default=None, help="sweep name (default: task-YYYYmmdd-HHMMSS)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
-    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: {store.DEFAULT_URI})")
-    p.add_argument(
-        "--mlflow-wait",
-        type=float,
-        default=60.0,
-        help="seconds to wait at the end for an unreachable MLflow server before leaving writes spooled",
-    )
-    p.add_argument("--sync", action="store_true", help="write what sweep --name spooled while MLflow was down")
-    p.add_argument("--experiment", default=spec.task)
-    p.add_argument(
-        "--register-model",
-        metavar="NAME",
-        default=None,
-        help="register the best model (logged on the sweep's run as an MLflow pyfunc model) in the Model Registry",
-    )
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--subset", type=int, default=None, help="train on this many training images")
-    p.add_argument("--out", type=Path, default=Path("reports/out"), help="best config (and report) go to OUT/<name>/")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    def need(ok: bool, flag: str, why: str) -> None:
-        if not ok:
-            raise UsageError(f"argument {flag}: {why}")
-
-    for flag in ("num_samples", "grace_period", "confirm_top"):
-        need(getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
-    for flag in ("max_failures", "confirm", "mlflow_wait"):
-        need(getattr(args, flag) >= 0, "--" + flag.replace("_", "-"), "expected >= 0")
-    for flag in ("max_epochs", "max_concurrent"):
-        need(getattr(args, flag) is None or getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
-    need(args.cpus_per_trial > 0 and math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected > 0")
-    gpus = args.gpus_per_trial
-    need(gpus is None or (gpus >= 0 and math.isfinite(gpus)), "--gpus-per-trial", "expected a number >= 0")
-    need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")
-    need(not args.resume or args.name is not None, "--resume", "needs --name of the sweep to continue")
-    need(not args.sync or args.name is not None, "--sync", "needs --name of the sweep to write")
-    need(not (args.sync and args.resume), "--sync", "cannot be combined with --resume")
-    need(args.connect_timeout > 0 and math.isfinite(args.connect_timeout), "--connect-timeout", "expected > 0")
-    if args.name is not None:
-        need(name_error(args.name) is None, "--name", name_error(args.name) or "")
-    need(args.experiment.strip() != "", "--experiment", "expected a name")
-    if args.register_model is not None:
-        need(name_error(args.register_model) is None, "--register-model", name_error(args.register_model) or "")
-    for source in args.warm_start:
-        need(name_error(source) is None, "--warm-start", name_error(source) or "")
-    price = args.gpu_hour_price
-    need(price is None or (price >= 0 and math.isfinite(price)), "--gpu-hour-price", "expected a number >= 0")
-    if args.address is not None:
-        need(
-            args.address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.address) is not None,
-            "--address",
-            f"expected auto, host:port or ray://host:port, got {args.address!r}",
-        )
-        # ray:// needs the Ray Client's gRPC (what `ray.init` checks, through a private Ray helper).
-        need(
-            not args.address.startswith("ray://") or importlib.util.find_spec("grpc") is not None,
-            "--address",
-            "ray:// needs the Ray Client: pip install 'ray[client]' (or run on the head with --address auto)",
-        )

@@ -11,22 +11,20 @@ driver ever touches the tracking store.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import shlex
 import sys
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnclf.args import UsageError, first_line
+from cnnclf.args import UsageError
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
+from sweeps.budget import REDUCTION, Budget, Eta, asha_fraction, settle, slots
 from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
-from sweeps.journal import SWEEP_KEY, Journal
+from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher
+from sweeps.session import ray_session
 from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
 from sweeps.trainable import TrialSetup, run_trial
 from sweeps.warmstart import Priors
@@ -68,6 +66,8 @@ class Settings:
     register_model: str | None = None  # --register-model: the Model Registry name of the best model
     warm_start: tuple[str, ...] = ()  # earlier sweeps whose trials seed the sampler
     gpu_hour_price: float | None = None  # the report prices the sweep's GPU-hours
+    budget_by: str = "time"  # what ASHA's rungs count: training seconds (with the cost guard) or epochs
+    max_trial_minutes: float | None = None  # the cost guard's limit (None: derived from the baseline's pace)
     trial_settings: dict = dataclasses.field(default_factory=dict)  # sweeps.warmstart.settings_of
     faults: tuple = ()
     params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
@@ -91,12 +91,19 @@ class Sweep:
     arrays: dict
     gpus: float
     priors: Priors | None = None  # --warm-start
+    budget: Budget = dataclasses.field(default_factory=lambda: Budget("epochs", None, ""))
+    concurrency: int = 1  # trials that run at once (for the ETA)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.arrays["train_y"])
 
     def trainable(self, experiment_path: str):
         from ray import tune
 
         s = self.s
-        setup = TrialSetup(s.base, s.baseline, experiment_path, s.faults, self.journal.finished_trial_ids())
+        finished = self.journal.finished_trial_ids()
+        setup = TrialSetup(s.base, s.baseline, experiment_path, s.faults, finished, self.budget.max_trial_s)
         return tune.with_resources(
             tune.with_parameters(run_trial, data=self.arrays, setup=setup), {"cpu": s.cpus_per_trial, "gpu": self.gpus}
         )
@@ -126,8 +133,18 @@ def run_sweep(s: Settings, data) -> int:
                 meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
             journal.append("meta", data=meta | {"datasets": runs.datasets(data.manifest, s.spec.task)})
         try:
-            gpus = _gpus(s, ray.cluster_resources().get("GPU", 0))
-            sweep = Sweep(s, journal, _shared_arrays(s, data), gpus, priors)
+            resources = ray.cluster_resources()
+            gpus = _gpus(s, resources.get("GPU", 0))
+            cap = min(s.max_concurrent or 10**6, s.num_samples + s.with_baseline)
+            sweep = Sweep(
+                s,
+                journal,
+                _shared_arrays(s, data),
+                gpus,
+                priors,
+                concurrency=slots(resources, s.cpus_per_trial, gpus, cap),
+            )
+            sweep.budget = settle(s, journal, data, gpus, sweep.concurrency)
             try:
                 return _run(sweep, data)
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
@@ -145,9 +162,9 @@ def _run(sweep: Sweep, data) -> int:
     s = sweep.s
     rows: list = []
     statuses: dict = {}
-    phases = _phases(sweep)
+    phases = resume.phases(sweep.journal, s.name, s.num_samples)
     for i, n in enumerate(phases):
-        path = _phase_path(s, i)
+        path = resume.phase_path(s.path, i)
         results, st = _fit(sweep, path, _search_tuner(i), n + (s.with_baseline and i == 0), ("trial", "baseline"))
         if results is None:
             return sweep.interrupted()
@@ -163,7 +180,7 @@ def _run(sweep: Sweep, data) -> int:
         # The top configurations again with fresh seeds (same data and splits), so no claim rests on
         # one lucky run. A second Tuner in the same Ray session; FIFO, no search.
         print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
-        path = _confirm_path(s, len(phases))
+        path = resume.confirm_path(s.path, len(phases))
         cresults, cstatuses = _fit(sweep, path, _confirm_tuner(confirm), len(confirm), ("confirm",))
         if cresults is None:
             return sweep.interrupted()
@@ -174,37 +191,13 @@ def _run(sweep: Sweep, data) -> int:
     return _exit_code(sweep, summary)
 
 
-def _phases(sweep: Sweep) -> list[int]:
-    """Search trials per Tuner: [--num-samples] for a new sweep; `--resume` with a larger --num-samples
-    adds a Tuner for the difference (same study, same MLflow parent). Kept in the journal."""
-    s, journal = sweep.s, sweep.journal
-    phases = list(journal.meta.get("phases") or [s.num_samples])
-    if s.num_samples > sum(phases):
-        print(f"extending {s.name}: {s.num_samples - sum(phases)} more search trials (--num-samples {s.num_samples})")
-        phases.append(s.num_samples - sum(phases))
-    if phases != journal.meta.get("phases"):
-        journal.append("meta", data={"phases": phases})
-        if len(phases) > 1:  # the parent's sweep.num_samples param stays the first; this tag has them all
-            journal.append("log", SWEEP_KEY, tags=[["search.phases", "+".join(map(str, phases))]])
-    return phases
-
-
-def _phase_path(s: Settings, i: int) -> str:
-    return s.path if i == 0 else f"{s.path}-more{i}"
-
-
-def _confirm_path(s: Settings, phases: int) -> str:
-    """The confirmation Tuner after `phases` searches: `-confirm` first, `-confirm2`... after extensions."""
-    return f"{s.path}-confirm" if phases == 1 else f"{s.path}-confirm{phases}"
-
-
 def _confirmed_before(sweep: Sweep, phases: int) -> list:
     """The confirmation runs of the sweep before it was extended (their Tuners' saved results)."""
     from ray import tune
 
     s, rows = sweep.s, []
     for k in range(1, phases):
-        path = _confirm_path(s, k)
+        path = resume.confirm_path(s.path, k)
         if resume.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable=sweep.trainable(path))
             rows += collect(tuner.get_results(), s.base, s.baseline)
@@ -226,7 +219,7 @@ def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...])
     when it was interrupted (Tune returns normally after Ctrl-C, with trials still pending or running)."""
     s, name = sweep.s, Path(path).name
     tuner, known = None, set()
-    if s.resume and (name in (s.name, f"{s.name}-confirm") or _began(path)):
+    if s.resume and (name in (s.name, f"{s.name}-confirm") or resume.began(path)):
         study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
         tuner, known = resume.restore(path, sweep.trainable(path), study)
     tuner = tuner or new_tuner(sweep, path, total)
@@ -239,11 +232,6 @@ def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...])
     if len(statuses) < total or any(v not in ("TERMINATED", "ERROR") for v in statuses.values()):
         return None, {}
     return results, statuses
-
-
-def _began(path: str) -> bool:
-    """Whether a Tuner of an extension or a later confirmation was started at `path` before."""
-    return resume.can_restore(path) or ("://" not in path and Path(path).is_dir())
 
 
 def _search_tuner(phase: int):
@@ -263,10 +251,8 @@ def _search_tuner(phase: int):
         searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
         scheduler = FIFOScheduler()
         if s.scheduler == "asha":
-            grace = min(s.grace_period, s.max_epochs)
-            scheduler = callbacks.SweepASHA(
-                time_attr="epoch", metric=METRIC, mode=MODE, max_t=s.max_epochs, grace_period=grace, reduction_factor=3
-            )
+            rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
+            scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
         return _tuner(sweep, path, total, searcher, scheduler)
 
     return new_tuner
@@ -284,7 +270,10 @@ def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
 
     s = sweep.s
     mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
-    progress = callbacks.ProgressCallback(total, s.base, s.baseline)
+    b = sweep.budget
+    fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
+    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction)
+    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train)
     return tune.Tuner(
         sweep.trainable(path),
         tune_config=tune.TuneConfig(
@@ -341,84 +330,6 @@ def _gpus(s: Settings, available: float) -> float:
         # cluster.yaml scales GPU workers from zero: trials waiting for a GPU make the autoscaler add one.
         print("no GPU node in the cluster yet; the trials wait for the autoscaler to add one", flush=True)
     return gpus
-
-
-@contextlib.contextmanager
-def ray_session(s: Settings):
-    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
-    at the end. SIGTERM then takes Ctrl-C's path."""
-    import optuna
-    import ray
-
-    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    quiet_mlflow_http()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
-    if s.ray_num_gpus is not None:
-        init_kw["num_gpus"] = s.ray_num_gpus
-    try:
-        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
-            ray.init(**init_kw)
-    except Exception as e:
-        if s.address is None:
-            raise
-        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
-    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float | None, task: str, address: str | None):
-    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
-
-    Nothing of the sweep has been written yet, so a hard exit loses nothing.
-    """
-    if seconds is None:
-        yield
-        return
-
-    def give_up() -> None:
-        print(
-            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
-            f"within {seconds:g} s; check the address, or raise --connect-timeout",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(EXIT_USAGE)
-
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def sigterm_as_sigint() -> None:
-    """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
-    runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
-    import signal
-
-    def handler(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
-        signal.signal(signal.SIGTERM, handler)
-
-
-def quiet_mlflow_http() -> None:
-    # The journal retries on its own, forever and in the background; MLflow's own retries
-    # (7, with exponential backoff) would only hide an outage for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
 def _trial_dirname(trial) -> str:

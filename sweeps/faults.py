@@ -4,7 +4,8 @@
 trial (through `tune.with_parameters`, so it reaches workers on any node). Each fault:
 
     {"kind": "raise" | "oom" | "kill" | "sleep",
-     "at": "epoch_end" | "checkpoint",     # after an epoch's metrics / inside the checkpoint write
+     "at": "epoch_end" | "checkpoint" | "probe",   # after an epoch's metrics / inside the checkpoint write /
+                                           # in the cost guard's probe, as if the timed steps took longer (epoch 0)
      "epoch": 2,                            # optional: only at this epoch
      "match": {"role": "trial", "batch_size": [">=", 64]},   # optional: on the trial's config
      "once": "/tmp/marker",                 # optional: fire only if this file is absent (then create it)
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ENV = "CNNCLF_FAULTS"
 KINDS = ("raise", "oom", "kill", "sleep")
-POINTS = ("epoch_end", "checkpoint")
+POINTS = ("epoch_end", "checkpoint", "probe")
 
 
 def load() -> list[dict]:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sweeps.journal import SWEEP_KEY
 from sweeps.searchers import hand_out_again
 from sweeps.spec import META_KEYS
 
@@ -148,3 +149,35 @@ def known_trials(tuner) -> set[str]:
         return {Path(str(r.path)).name.rsplit("-", 1)[-1] for r in tuner.get_results()}
     except Exception:
         return set()
+
+
+# --- extending a finished sweep: more search Tuners on the same study and MLflow parent -----------
+
+
+def phases(journal, name: str, num_samples: int) -> list[int]:
+    """Search trials per Tuner: [--num-samples] for a new sweep; `--resume` with a larger --num-samples
+    adds a Tuner for the difference (same study, same MLflow parent). Kept in the journal."""
+    out = list(journal.meta.get("phases") or [num_samples])
+    if num_samples > sum(out):
+        print(f"extending {name}: {num_samples - sum(out)} more search trials (--num-samples {num_samples})")
+        out.append(num_samples - sum(out))
+    if out != journal.meta.get("phases"):
+        journal.append("meta", data={"phases": out})
+        if len(out) > 1:  # the parent's sweep.num_samples param stays the first; this tag has them all
+            journal.append("log", SWEEP_KEY, tags=[["search.phases", "+".join(map(str, out))]])
+    return out
+
+
+def phase_path(path: str, i: int) -> str:
+    """Where search Tuner `i` of the sweep at `path` runs: the first at `path`, extensions beside it."""
+    return path if i == 0 else f"{path}-more{i}"
+
+
+def confirm_path(path: str, phases: int) -> str:
+    """The confirmation Tuner after `phases` searches: `-confirm` first, `-confirm2`... after extensions."""
+    return f"{path}-confirm" if phases == 1 else f"{path}-confirm{phases}"
+
+
+def began(path: str) -> bool:
+    """Whether a Tuner (of an extension, or a later confirmation) was started at `path` before."""
+    return can_restore(path) or ("://" not in path and Path(path).is_dir())

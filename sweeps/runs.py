@@ -33,6 +33,8 @@ def open_parent(journal: Journal, sweep_params: dict) -> None:
         tags[NOTE] = f"Sweep {journal.sweep} of {task}: running. {about}"
         if journal.meta.get("command"):
             tags["command"] = journal.meta["command"]
+        if journal.meta.get("budget_text"):  # --budget-by, the cost guard's limit and where it came from
+            tags["budget"] = journal.meta["budget_text"]
         warm = journal.meta.get("warm_start")
         if warm:  # which sweeps its sampler learned from (the trials: warm_start.json)
             tags |= {"warm_start.sources": ",".join(warm["sources"]), "warm_start.trials": str(warm["trials"])}

@@ -178,7 +178,7 @@ class BaselineThenOptuna(Searcher):
         if trial_id not in self.numbers or trial_id in self.told:
             return  # the baseline; or an errored trial that --resume runs again: Optuna has been told
         # Diverged and out-of-memory trials are told as the worst value (0.0, what the trainable
-        # reported), not NaN, so TPE learns from them; the attribute says why.
+        # reported), not NaN, so TPE learns from them; too slow ones as pruned; the attribute says why.
         last = result or {}
         status = "error" if error else last.get("failure") or ("diverged" if last.get("diverged") else "completed")
         storage = optuna_storage(self.study_path)  # public BaseStorage calls: set before the trial is told
@@ -188,6 +188,9 @@ class BaselineThenOptuna(Searcher):
         if self.settings:  # what a later --warm-start compares (sweeps/warmstart.py)
             storage.set_trial_user_attr(tid, SETTINGS_ATTR, self.settings)
         self.told.add(trial_id)
+        if status == "too_slow":  # pruned: TPE ranks it below every finished trial, and learns the region is costly
+            self.study().tell(self.numbers[trial_id], state=optuna.trial.TrialState.PRUNED)
+            return
         self.inner.on_trial_complete(trial_id, result=None if error else result, error=error)
 
     def save(self, checkpoint_path: str) -> None:

@@ -37,9 +37,10 @@ META_KEYS = ("role", "confirm_of", "adopt")  # Tune config keys that are not Tra
 SWEEP_PARAM_PREFIX = "sweep."  # the parent run's params are the sweep's flags, apart from trial hyperparameters
 METRIC_PREFIXES = ("train/", "val/", "test/", "time/", "throughput/", "resources/", "system/", "cost/", "model/")
 ROLES = ("trial", "baseline", "confirm")
-# How a trial ended. completed: all its epochs; early_stopped: by ASHA; diverged: non-finite loss;
-# oom: out of device memory; error: raised on every attempt.
-OUTCOMES = ("completed", "early_stopped", "diverged", "oom", "error")
+# How a trial ended. completed: all its epochs; early_stopped: by ASHA; too_slow: by the cost guard
+# (projected over --max-trial-minutes); diverged: non-finite loss; oom: out of device memory; error:
+# raised on every attempt.
+OUTCOMES = ("completed", "early_stopped", "too_slow", "diverged", "oom", "error")
 MEASURED = ("completed", "early_stopped")  # outcomes whose val/acc is a measurement, not a stand-in
 FAILED = ("oom", "error")  # the sweep exits 1 when any trial ended so
 

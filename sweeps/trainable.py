@@ -35,6 +35,15 @@ class TrialSetup:
     experiment_path: str
     faults: tuple = ()
     finished: frozenset[str] = frozenset()  # trial ids the journal saw end (ASHA stops after Tune's snapshot)
+    max_trial_s: float | None = None  # the cost guard: a search trial projected over this stops as too_slow
+
+
+class TooSlow(Exception):
+    """The cost guard's verdict: the trial's projected training seconds are over the sweep's limit."""
+
+    def __init__(self, projected_s: float, limit_s: float, spent_s: float) -> None:
+        super().__init__(f"projected {projected_s:.0f} s of training, over the limit of {limit_s:.0f} s")
+        self.projected_s, self.limit_s, self.spent_s = projected_s, limit_s, spent_s
 
 
 def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
@@ -82,9 +91,30 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
         if own_folder is not None:
             prune_checkpoints(own_folder)
 
-    failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0])
+    probe = cost_guard(config, setup) if config.get("role", "trial") == "trial" else None  # never the baseline
+    failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0], probe=probe)
     if failure is not None:
-        tune.report({"epoch": 0, METRIC: 0.0, **failure, **extra})
+        last = found[1].get("epoch", 0) if found else 0
+        tune.report({"epoch": last, METRIC: 0.0, **failure, **extra, **device_seconds(failure, extra)})
+
+
+def cost_guard(config: dict, setup: TrialSetup):
+    """The probe (cnnclf.train's) that stops a search trial whose projected training time is over the limit.
+
+    Injected `probe` faults (a sleep) count as time the timed steps took, as a slower device would.
+    """
+    if setup.max_trial_s is None:
+        return None
+
+    def probe(pace) -> None:
+        t = time.perf_counter()
+        fire(list(setup.faults), "probe", config, 0)
+        extra = time.perf_counter() - t
+        projected = pace.projected_s(extra_s=extra)
+        if projected > setup.max_trial_s:
+            raise TooSlow(projected, setup.max_trial_s, pace.spent + pace.seconds + extra)
+
+    return probe
 
 
 def device_seconds(metrics: dict, extra: dict) -> dict:
@@ -155,13 +185,14 @@ def _resume_point(config: dict, own_folder: Path | None, extra: dict) -> tuple[d
     return found
 
 
-def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None) -> dict | None:
+def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None, probe=None) -> dict | None:
     """`cnnclf.train.train`, with running out of device memory turned into a recorded failure.
 
     Out of memory is a property of the configuration (batch, width), not bad luck: retrying
     cannot help. The trial's tensors are freed (they live in train()'s frame, gone once the
     exception is caught) and the allocator's cache emptied, so that later trials get the memory;
     the result is the worst score for Optuna, so TPE learns. Returns None when training ran.
+    The cost guard's verdict (TooSlow) is a recorded outcome too: `too_slow`, with the projection.
     """
     import gc
 
@@ -170,8 +201,10 @@ def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None) -> di
     from cnnclf.train import train
 
     try:
-        train(cfg, data, report, device=device, resume=resume)
+        train(cfg, data, report, device=device, resume=resume, probe=probe)
         return None
+    except TooSlow as e:  # what it cost until it was stopped counts in the sweep's totals
+        return {"failure": "too_slow", "error": str(e), "cost/projected_s": e.projected_s, "cost/train_s": e.spent_s}
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0][:300] if str(e) else "out of memory"
     gc.collect()

@@ -253,3 +253,34 @@ def smoke_sweep(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return SimpleNamespace(tmp=tmp, data=data, result=r, uri=f"sqlite:///{tmp / 'mlflow.db'}", name="smoke")
+
+
+@pytest.fixture(scope="session")
+def budget_sweep(tmp_path_factory):
+    """One real time-budget sweep whose first measured search trial is slowed down (a `probe` fault: 3 s
+    more than its steps took) past a 0.02-minute limit, so the cost guard stops it as too_slow; shared by
+    tests/test_time_budget.py (what the guard leaves) and tests/test_sweep_knowledge.py (a later sweep
+    warm-started from it; then extending it, which those asserts allow for)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    tmp = tmp_path_factory.mktemp("budget_sweep")
+    data = write_cifar_folders(tmp / "cifar", 16, 4)
+    root = Path(__file__).resolve().parents[1]
+    flags = ["--data-dir", data, "--no-download", "--seed", "1", "--max-epochs", "1", "--confirm", "0"]
+    flags += ["--max-concurrent", "1", "--fix", "width=8", "--fix", "depth=2", "--max-trial-minutes", "0.02"]
+    flags += ["--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", tmp / "ray", "--out", tmp / "out"]
+    fault = [{"kind": "sleep", "at": "probe", "seconds": 3, "match": {"role": "trial"}, "once": str(tmp / "slowed")}]
+    r = subprocess.run(
+        [sys.executable, str(root / "sweeps" / "cifar10.py"), *map(str, flags), "--num-samples", "3", "--name", "t"],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=tmp,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CNNCLF_FAULTS": json.dumps(fault)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(tmp=tmp, data=data, result=r, flags=[str(f) for f in flags], name="t")

@@ -10,51 +10,37 @@ import pytest
 from cnnclf.config import TrainConfig
 from sweeps.spec import Ranges
 from sweeps.warmstart import SETTINGS_ATTR, load, settings_of
-from tests.conftest import write_cifar_folders
-from tests.test_sweeps import common, runs, sweep
-
-SMALL = ["--max-epochs", "1", "--confirm", "0", "--max-concurrent", "1", "--fix", "width=8", "--fix", "depth=2"]
-
-
-@pytest.fixture(scope="module")
-def place(tmp_path_factory):
-    """One folder for the module's sweeps (a second sweep learns from the first, in the same store)."""
-    tmp = tmp_path_factory.mktemp("knowledge")
-    data = write_cifar_folders(tmp / "cifar", 16, 4)
-    return tmp, data
-
-
-@pytest.fixture(scope="module")
-def first(place):
-    tmp, data = place
-    r = sweep("cifar10", tmp, "--data-dir", data, "--num-samples", "3", "--seed", "1", *SMALL, *common(tmp, "first"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, data
+from tests.test_sweeps import runs, sweep
 
 
 def _params(run) -> tuple:
     return tuple(run.data.params[k] for k in ("optimizer", "lr", "weight_decay", "batch_size", "kernel_size"))
 
 
-@pytest.mark.slow
-def test_warm_started_sweep_learns_from_the_first_and_runs_none_of_its_configs(first):
-    tmp, data = first
-    args = ["--data-dir", data, "--num-samples", "3", "--seed", "1", *SMALL, "--warm-start", "first"]
-    r = sweep("cifar10", tmp, *args, *common(tmp, "second"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "warm start: 3 of sweep first seed the sampler" in r.stdout
+def _study(tmp, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'out' / name / 'optuna.db'}")
 
-    # Its sampler saw the first sweep's trials: they are in its study, marked, with their values, before its own.
-    before = optuna.load_study(study_name="first", storage=f"sqlite:///{tmp / 'out' / 'first' / 'optuna.db'}")
-    study = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp / 'out' / 'second' / 'optuna.db'}")
+
+@pytest.mark.slow
+def test_warm_started_sweep_learns_from_the_first_and_runs_none_of_its_configs(budget_sweep):
+    # The first sweep (tests/conftest.py) ran 3 search trials, one stopped as too_slow (pruned in Optuna).
+    tmp, flags = budget_sweep.tmp, budget_sweep.flags
+    before = [(t.params, t.value, t.state.name) for t in _study(tmp, "t").trials]
+    r = sweep("cifar10", tmp, *flags, "--num-samples", "3", "--name", "second", "--warm-start", "t")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warm start: 3 of sweep t seed the sampler" in r.stdout
+
+    # Its sampler saw the first sweep's trials: in its study, marked, with their values and states, before its own.
+    study = _study(tmp, "second")
     prior = [t for t in study.trials if "warm_start" in t.user_attrs]
     own = [t for t in study.trials if "warm_start" not in t.user_attrs]
-    assert [(t.params, t.value) for t in prior] == [(t.params, t.value) for t in before.trials]
-    assert [t.user_attrs["warm_start"]["sweep"] for t in prior] == ["first"] * 3
+    assert [(t.params, t.value, t.state.name) for t in prior] == before
+    assert sorted(s for *_, s in before) == ["COMPLETE", "COMPLETE", "PRUNED"]  # the too_slow one, pruned
+    assert [t.user_attrs["warm_start"]["sweep"] for t in prior] == ["t"] * 3
     assert len(own) == 3 and min(t.number for t in own) > max(t.number for t in prior)
 
     # None of the first sweep's configurations ran again, and only --num-samples search trials ran.
-    _c, _p, first_children = runs(tmp, "cifar10", "first")
+    _c, _p, first_children = runs(tmp, "cifar10", "t")
     _c, parents, children = runs(tmp, "cifar10", "second")
     trials = [c for c in children if c.data.tags["role"] == "trial"]
     assert len(trials) == 3
@@ -62,32 +48,34 @@ def test_warm_started_sweep_learns_from_the_first_and_runs_none_of_its_configs(f
 
     # The parent names its source; the report and warm_start.json keep them apart from the ranking.
     parent = parents[0]
-    assert parent.data.tags["warm_start.sources"] == "first" and parent.data.tags["warm_start.trials"] == "3"
-    assert "Learned from first" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["warm_start.sources"] == "t" and parent.data.tags["warm_start.trials"] == "3"
+    assert "Learned from t" in parent.data.tags["mlflow.note.content"]
     recorded = json.loads((tmp / "out" / "second" / "warm_start.json").read_text())
-    assert [t["value"] for t in recorded["trials"]] == [t.value for t in before.trials]
+    assert [t["value"] for t in recorded["trials"]] == [v for _, v, _ in before]
+    assert sorted(t["status"] for t in recorded["trials"]) == ["completed", "completed", "too_slow"]
     best = json.loads((tmp / "out" / "second" / "best_config.json").read_text())
     assert best["trial_id"] in {c.data.tags["trial_id"] for c in trials}
+    assert "Prior knowledge (warm start)" in (tmp / "out" / "second" / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_extended_sweep_runs_exactly_the_new_total_in_one_parent(first):
-    tmp, data = first
-    base = ["--data-dir", data, "--seed", "1", *SMALL, *common(tmp, "first"), "--resume"]
-    r = sweep("cifar10", tmp, "--num-samples", "2", *base)
+def test_extended_sweep_runs_exactly_the_new_total_in_one_parent(budget_sweep):
+    tmp, flags = budget_sweep.tmp, [*budget_sweep.flags, "--name", "t", "--resume"]
+    r = sweep("cifar10", tmp, *flags, "--num-samples", "2")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--num-samples" in r.stderr
-    r = sweep("cifar10", tmp, "--num-samples", "5", *base)
+    r = sweep("cifar10", tmp, *flags, "--num-samples", "5")
     assert r.returncode == 0, r.stderr[-3000:]
-    _c, parents, children = runs(tmp, "cifar10", "first")
+    assert "extending t: 2 more search trials" in r.stdout
+    _c, parents, children = runs(tmp, "cifar10", "t")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     trials = [c for c in children if c.data.tags["role"] == "trial"]
     assert len(trials) == 5 and len({c.data.tags["trial_id"] for c in trials}) == 5
     assert all(c.info.status == "FINISHED" for c in children)  # none RUNNING
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-    study = optuna.load_study(study_name="first", storage=f"sqlite:///{tmp / 'out' / 'first' / 'optuna.db'}")
-    assert len(study.trials) == 5 and all(t.state.name == "COMPLETE" for t in study.trials)
-    summary = json.loads((tmp / "out" / "first" / "summary.json").read_text())
-    assert summary["outcomes"]["completed"] == 6  # 5 search trials and the baseline, each once
+    study = _study(tmp, "t")
+    assert len(study.trials) == 5 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    summary = json.loads((tmp / "out" / "t" / "summary.json").read_text())
+    assert sum(summary["outcomes"].values()) == 6  # 5 search trials and the baseline, each once
     assert parents[0].data.tags["search.phases"] == "3+2"
 
 

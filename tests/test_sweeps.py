@@ -189,11 +189,16 @@ def test_smoke_sweep_catdog(tmp_path, catdog_dir):
 
 
 @pytest.mark.slow
-def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
+def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir, monkeypatch):
     # No GPU here: declare one to Ray, so the 0.5-GPU requests are scheduled as asked (two at a time).
+    # --budget-by epochs: no cost guard, so a fault in its probe never even runs (tests/test_time_budget.py).
+    slow = [{"kind": "sleep", "at": "probe", "seconds": 3, "once": str(tmp_path / "slowed")}]
+    monkeypatch.setenv("CNNCLF_FAULTS", json.dumps(slow))
     r = sweep(
         "cifar10",
         tmp_path,
+        "--budget-by",
+        "epochs",
         "--data-dir",
         cifar_dir,
         "--num-samples",
@@ -218,8 +223,10 @@ def test_epochs_logged_per_step_and_fractional_gpus(tmp_path, cifar_dir):
         *common(tmp_path, "gpu"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "budget by epochs" in r.stdout and "ETA about" in r.stdout
     client, _parents, children = runs(tmp_path, "cifar10", "gpu")
-    assert len(children) == 2
+    assert len(children) == 2 and not (tmp_path / "slowed").exists()
+    assert all(c.data.tags["status"] == "completed" for c in children)
     for c in children:
         assert c.data.metrics["resources/gpu"] == 0.5
         assert [m.step for m in client.get_metric_history(c.info.run_id, "val/acc")] == [1, 2]

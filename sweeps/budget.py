@@ -1,0 +1,255 @@
+"""What a sweep may spend, and how long it has left: `--budget-by time|epochs`, the cost guard's limit,
+ASHA's rungs, and the ETA.
+
+    budget = plan(settings_like, data, concurrency)        # once, at the start (measures the baseline)
+    asha_kw = budget.asha(max_epochs, grace_epochs)        # ASHA's time_attr, max_t, grace_period
+    eta = Eta(budget, concurrency, n_train); eta.seen(...); eta.left_s(...)
+
+In time mode ASHA's rungs count each trial's training seconds (`cost/train_s`, summed over its
+epochs; not time spent waiting for a slot), so a cheap and an expensive configuration are compared
+after the same cost. Its last rung and the cost guard's limit are `--max-trial-minutes`, or
+TRIAL_FACTOR times what the seed baseline's training would take at the sweep's epochs, measured at
+the start from its pace on this machine (a few hundred steps). Epochs mode is ASHA on epochs, as
+before, with no guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+
+from cnnclf.config import TrainConfig
+from sweeps.journal import SWEEP_KEY
+
+TRIAL_FACTOR = 10.0  # a trial may train for this many times the baseline's time at the sweep's epochs
+MIN_TRIAL_S = 60.0  # ... but never less than this: the guard is for trials that cost minutes, not seconds
+REDUCTION = 3  # ASHA's reduction factor
+RUNGS = 3  # time mode: rungs at max/9, max/3 and max
+SLACK = 1.25  # ASHA's max_t over the guard's limit: a trial projected to fit is not cut before its last epoch
+LONG_S = 2 * 3600.0  # a projection over this at the start, without a GPU, says how to shrink the sweep
+
+
+@dataclass(frozen=True)
+class Budget:
+    mode: str  # time | epochs
+    max_trial_s: float | None  # time mode: the cost guard's limit (None in epochs mode)
+    source: str  # where the limit came from, in words
+    baseline_s: float | None = None  # the baseline's training seconds at the sweep's epochs (measured at start)
+
+    def asha(self, max_epochs: int, grace_epochs: int) -> dict:
+        """ASHA's time_attr, max_t and grace_period for this budget."""
+        if self.mode == "epochs" or self.max_trial_s is None:
+            return {"time_attr": "epoch", "max_t": max_epochs, "grace_period": min(grace_epochs, max_epochs)}
+        return {
+            "time_attr": "cost/train_s",
+            "max_t": self.max_trial_s * SLACK,
+            "grace_period": self.max_trial_s / REDUCTION ** (RUNGS - 1),
+        }
+
+    def describe(self, scheduler: str = "asha") -> str:
+        if self.mode == "epochs":
+            how = "ASHA's rungs count epochs" if scheduler == "asha" else "FIFO"
+            return f"budget by epochs: {how}; no cost guard"
+        if self.max_trial_s is None:
+            return f"budget by time: no limit ({self.source})"
+        m = self.max_trial_s
+        rungs = ", ".join(_secs(m / REDUCTION**k) for k in reversed(range(RUNGS)))
+        how = f"ASHA's rungs at {rungs} of each trial's training" if scheduler == "asha" else "FIFO (no ASHA)"
+        return f"budget by time: {how}; a search trial projected over {_secs(m)} stops as too_slow ({self.source})"
+
+
+def expected_fraction(rungs: list[float], max_t: float, reduction: int = REDUCTION) -> float:
+    """The share of a full trial that ASHA lets an average trial train: all reach the first rung, 1 in
+    `reduction` the next, and so on (its steady state; the first trials at a rung always go on)."""
+    if not rungs or max_t <= 0:
+        return 1.0
+    points = [*sorted(r for r in rungs if r < max_t), max_t]
+    spent, survive = points[0], 1.0
+    for a, b in itertools.pairwise(points):
+        survive /= reduction
+        spent += survive * (b - a)
+    return min(1.0, spent / max_t)
+
+
+def asha_fraction(budget: Budget, scheduler: str, max_epochs: int, grace_epochs: int) -> float:
+    if scheduler != "asha":
+        return 1.0
+    kw = budget.asha(max_epochs, grace_epochs)
+    g, top = kw["grace_period"], kw["max_t"] / (SLACK if kw["time_attr"] != "epoch" else 1.0)
+    rungs = [g * REDUCTION**k for k in range(16) if g * REDUCTION**k < top]
+    return expected_fraction(rungs, top)
+
+
+def baseline_pace(baseline: TrainConfig, data, device: str, threads: int) -> float:
+    """Images per second of the baseline's training on this machine, over its first few hundred steps."""
+    import torch
+
+    from cnnclf.train import PROBE_STEPS, train
+
+    class Measured(Exception):
+        pass
+
+    def probe(pace) -> None:
+        raise Measured(pace)
+
+    n = min(len(data.train_y), baseline.batch_size * (PROBE_STEPS + 1))
+    small = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        train(baseline.replace(epochs=1), small, None, device=device, probe=probe)
+    except Measured as m:
+        pace = m.args[0]
+        return pace.images / max(pace.seconds, 1e-9)
+    finally:
+        torch.set_num_threads(before)
+    return math.nan  # the probe always fires; kept for type checkers
+
+
+def plan(mode: str, max_trial_minutes: float | None, baseline: TrainConfig, epochs: int, data, device: str,
+         threads: int) -> Budget:  # fmt: skip
+    """The sweep's Budget: the limit given, or TRIAL_FACTOR x the baseline's measured time at `epochs` epochs."""
+    pace = math.nan
+    with contextlib.suppress(Exception):  # a baseline that cannot be measured leaves the limit to the flag
+        pace = baseline_pace(baseline, data, device, threads)
+    baseline_s = len(data.train_y) * epochs / pace if math.isfinite(pace) and pace > 0 else None
+    if mode == "epochs":
+        return Budget("epochs", None, "", baseline_s)
+    if max_trial_minutes is not None:
+        return Budget("time", max_trial_minutes * 60.0, "--max-trial-minutes", baseline_s)
+    if baseline_s is None:
+        return Budget("time", None, "the baseline could not be measured: no limit", None)
+    source = (
+        f"{TRIAL_FACTOR:g}x the baseline's {_secs(baseline_s)} for {epochs} epoch(s) at its measured "
+        f"{pace:,.0f} images/s, at least {_secs(MIN_TRIAL_S)}; --max-trial-minutes sets it"
+    )
+    return Budget("time", max(MIN_TRIAL_S, TRIAL_FACTOR * baseline_s), source, baseline_s)
+
+
+def _secs(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f} s"
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def duration(s: float) -> str:
+    return _secs(s)
+
+
+@dataclass
+class TrialPace:
+    planned_images: float  # n_train x its epochs
+    spent_s: float = 0.0  # cost/train_s
+    images: float = 0.0  # cost/images
+    img_s: float = 0.0  # throughput/train_img_s
+
+    def full_s(self, cap: float | None) -> float:
+        """Its whole training, projected from its pace (capped at the limit in time mode)."""
+        if self.img_s <= 0:
+            return math.nan
+        full = self.spent_s + max(0.0, self.planned_images - self.images) / self.img_s
+        return min(full, cap) if cap else full
+
+
+class Eta:
+    """The sweep's remaining wall time, from measured paces: running trials' rest, the trials still to
+    start at the mean projected cost (times ASHA's expected share), over the trials that run at once."""
+
+    def __init__(self, total: int, concurrency: int, cap_s: float | None, fraction: float) -> None:
+        self.total, self.concurrency, self.cap_s, self.fraction = total, max(1, concurrency), cap_s, fraction
+        self.trials: dict[str, TrialPace] = {}
+        self.ended: set[str] = set()
+        self.search: set[str] = set()  # trials ASHA may stop (not the baseline)
+
+    def seen(self, trial_id: str, planned_images: float, result: dict, search: bool) -> None:
+        p = self.trials.setdefault(trial_id, TrialPace(planned_images))
+        p.spent_s = float(result.get("cost/train_s", p.spent_s) or 0.0)
+        p.images = float(result.get("cost/images", p.images) or 0.0)
+        p.img_s = float(result.get("throughput/train_img_s", p.img_s) or 0.0)
+        if search:
+            self.search.add(trial_id)
+
+    def end(self, trial_id: str) -> None:
+        self.ended.add(trial_id)
+
+    def left_s(self, started: int) -> float | None:
+        """Seconds left, or None before any trial reported a pace. `started`: trials begun so far."""
+        if not self.trials:
+            return None
+        fulls = [f for t in self.search if math.isfinite(f := self.trials[t].full_s(self.cap_s))]
+        running = 0.0
+        for tid, p in self.trials.items():
+            if tid in self.ended or (full := p.full_s(self.cap_s)) != full:
+                continue
+            share = self.fraction if tid in self.search else 1.0
+            running += max(0.0, full * share - p.spent_s) if tid in self.search else max(0.0, full - p.spent_s)
+        mean = sum(fulls) / len(fulls) if fulls else 0.0
+        pending = max(0, self.total - started) * mean * self.fraction
+        return (running + pending) / self.concurrency
+
+
+def bar(done: int, total: int, best: float | None, left: float | None, width: int = 20) -> str:
+    """One overall progress line: trials done, best val/acc so far, ETA."""
+    filled = round(width * done / max(1, total))
+    best_s = f"{best:.4f}" if best is not None and math.isfinite(best) else "-"
+    eta = f"ETA about {duration(left)}" if left is not None else "ETA after the first results"
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trials done, best val/acc {best_s}, {eta}"
+
+
+def slots(resources: dict, cpus_per_trial: float, gpus: float, cap: int) -> int:
+    """How many trials run at once: the cluster's CPUs (and GPUs) over a trial's share, at most `cap`."""
+    n = int(resources.get("CPU", 1) // cpus_per_trial) or 1
+    if gpus > 0 and resources.get("GPU", 0):
+        n = min(n, int(resources["GPU"] // gpus) or 1)
+    return max(1, min(n, cap))
+
+
+def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
+    """The sweep's Budget for Settings `s`, kept in the journal so a resumed sweep keeps its limit; said on
+    stdout, with the sweep's length projected from the baseline's pace (and how to shrink a long one)."""
+    kept = journal.meta.get("budget") or {}
+    if kept.get("mode") == s.budget_by and s.max_trial_minutes is None:
+        budget = Budget(**kept)
+    else:
+        device = "cuda" if gpus > 0 and _cuda() else "cpu"
+        budget = plan(s.budget_by, s.max_trial_minutes, s.baseline, s.max_epochs, data, device,
+                      int(s.cpus_per_trial))  # fmt: skip
+        text = budget.describe(s.scheduler)
+        journal.append("meta", data={"budget": dataclasses.asdict(budget), "budget_text": text})
+        if journal.has_run(SWEEP_KEY):  # a resumed sweep's parent says the budget it goes on with
+            journal.append("log", SWEEP_KEY, tags=[["budget", text]])
+    print(budget.describe(s.scheduler), flush=True)
+    if budget.baseline_s is not None:
+        share = asha_fraction(budget, s.scheduler, s.max_epochs, s.grace_period)
+        per_trial = (budget.max_trial_s or TRIAL_FACTOR * budget.baseline_s) * share
+        total = (budget.baseline_s * s.with_baseline + s.num_samples * per_trial) / concurrency
+        print(
+            f"projected at the start: about {duration(total)} for {s.num_samples} search trials"
+            f"{' and the baseline' if s.with_baseline else ''}, {concurrency} at a time "
+            "(from the baseline's measured pace; the ETA follows the trials' own)",
+            flush=True,
+        )
+        if total > LONG_S and gpus == 0:
+            print(f"this is long without a GPU; to shrink it: {shrink_hint(s)}", flush=True)
+    return budget
+
+
+def shrink_hint(s) -> str:
+    """The flags that make a sweep cheaper, for this task and these settings."""
+    hints = []
+    if s.base.image_size > 64:
+        hints.append("--fix image_size=64 (a quarter of the pixels of 128)")
+    hints.append("--subset 10000 (fewer training images)")
+    hints.append(f"--num-samples {max(4, s.num_samples // 2)} (fewer trials)")
+    if s.budget_by == "time":
+        hints.append("--max-trial-minutes (a lower cap per trial)")
+    return ", ".join(hints)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

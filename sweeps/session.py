@@ -1,0 +1,92 @@
+"""The Ray session of a sweep: started here or joined at --address (within --connect-timeout), SIGTERM
+handled as Ctrl-C, MLflow's own HTTP retries off (the journal retries)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+
+from cnnclf.args import UsageError, first_line
+
+EXIT_USAGE = 2
+
+
+@contextlib.contextmanager
+def ray_session(s):
+    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
+    at the end. SIGTERM then takes Ctrl-C's path."""
+    import optuna
+    import ray
+
+    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_mlflow_http()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
+    if s.ray_num_gpus is not None:
+        init_kw["num_gpus"] = s.ray_num_gpus
+    try:
+        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
+            ray.init(**init_kw)
+    except Exception as e:
+        if s.address is None:
+            raise
+        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
+    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, task: str, address: str | None):
+    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
+
+    Nothing of the sweep has been written yet, so a hard exit loses nothing.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def give_up() -> None:
+        print(
+            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
+            f"within {seconds:g} s; check the address, or raise --connect-timeout",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_USAGE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def sigterm_as_sigint() -> None:
+    """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
+    runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
+    import signal
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
+        signal.signal(signal.SIGTERM, handler)
+
+
+def quiet_mlflow_http() -> None:
+    # The journal retries on its own, forever and in the background; MLflow's own retries
+    # (7, with exponential backoff) would only hide an outage for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")

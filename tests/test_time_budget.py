@@ -1,0 +1,104 @@
+"""Time-aware sweeps: rungs in training seconds, the cost guard (too_slow), the ETA; real Ray, Optuna, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+import torch
+
+from cnnclf.config import TrainConfig
+from cnnclf.data import TaskData
+from cnnclf.train import Pace, train
+from sweeps.budget import Budget, Eta, asha_fraction, bar, expected_fraction
+from tests.test_sweeps import runs
+
+
+@pytest.mark.slow
+def test_time_mode_stops_a_slow_trial_as_too_slow_pruned_in_optuna_finished_in_mlflow(budget_sweep):
+    # tests/conftest.py: 3 search trials and the baseline, the first measured trial slowed past a 1.2 s limit.
+    # (tests/test_sweep_knowledge.py may have extended the sweep by then: these hold either way.)
+    tmp, out = budget_sweep.tmp, budget_sweep.result.stdout
+    assert "budget by time: ASHA's rungs at" in out and "stops as too_slow (--max-trial-minutes)" in out
+    assert "ETA about" in out and "trials done, best val/acc" in out  # the overall progress line
+    assert "stopped: too slow" in out
+
+    _c, parents, children = runs(tmp, "cifar10", "t")
+    slow = [c for c in children if c.data.tags["status"] == "too_slow"]
+    assert len(slow) == 1
+    run = slow[0]
+    assert run.info.status == "FINISHED" and run.data.tags["stopped_by"] == "cost_guard"
+    assert run.data.metrics["cost/projected_s"] > 1.2  # over the 0.02-minute limit it was stopped for
+    assert run.data.metrics["cost/train_s"] >= 3.0  # what it spent until then counts in the totals
+    assert "projected" in run.data.tags["projection"] and "test/acc" not in run.data.metrics
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert "budget by time" in parents[0].data.tags["budget"]
+
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp / 'out' / 't' / 'optuna.db'}")
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(pruned) == 1 and pruned[0].user_attrs["status"] == "too_slow"
+    assert all(t.state.name == "COMPLETE" for t in study.trials if t not in pruned)
+    summary = json.loads((tmp / "out" / "t" / "summary.json").read_text())
+    assert summary["outcomes"]["too_slow"] == 1 and summary["failed"] == 0  # a verdict, not a failure: exit 0
+    report = (tmp / "out" / "t" / "report.md").read_text()
+    assert "too slow (cost guard)" in report and "**Budget**: budget by time" in report
+
+
+def _tiny(n: int = 64) -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % 2
+    return TaskData("cifar10", ["a", "b"], x, y, x[:8], y[:8], x[:8], y[:8])
+
+
+def test_train_probes_its_pace_once_and_a_raising_probe_stops_it():
+    cfg = TrainConfig(task="cifar10", model="cnn", depth=2, width=8, batch_size=8, epochs=3, image_size=16)
+    seen: list[Pace] = []
+    train(cfg, _tiny(), None, device="cpu", probe=seen.append)
+    assert len(seen) == 1  # the epoch (8 steps) is shorter than the probe's steps: measured whole, once
+    p = seen[0]
+    assert p.images == 64 and p.images_left == 128 and p.seconds > 0
+    assert p.projected_s() == pytest.approx(p.spent + p.seconds * 3)
+    assert p.projected_s(extra_s=1.0) == pytest.approx(p.spent + (p.seconds + 1.0) * 3)
+
+    class Stop(Exception):
+        pass
+
+    epochs: list[int] = []
+
+    def stop(pace):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, _tiny(), lambda e, m, s: epochs.append(e), device="cpu", probe=stop)
+    assert epochs == []  # stopped inside its first epoch: nothing reported
+
+
+def test_asha_share_and_rungs_in_seconds():
+    assert expected_fraction([1], 3) == pytest.approx((1 + 2 / 3) / 3)
+    assert expected_fraction([1, 3, 9], 10) == pytest.approx((1 + 2 / 3 + 6 / 9 + 1 / 27) / 10)
+    b = Budget("time", 900.0, "test")
+    kw = b.asha(max_epochs=3, grace_epochs=1)
+    assert kw["time_attr"] == "cost/train_s" and kw["grace_period"] == pytest.approx(100.0)
+    assert kw["max_t"] > 900.0  # room past the guard's limit, so a trial that fits is not cut before its last epoch
+    assert asha_fraction(b, "asha", 3, 1) == pytest.approx((100 + 200 / 3 + 600 / 9) / 900)
+    assert asha_fraction(b, "fifo", 3, 1) == 1.0
+    assert Budget("epochs", None, "").asha(3, 1) == {"time_attr": "epoch", "max_t": 3, "grace_period": 1}
+
+
+def test_eta_from_measured_paces():
+    eta = Eta(total=4, concurrency=2, cap_s=None, fraction=1.0)
+    assert eta.left_s(started=0) is None
+    # A trial that has trained 100 of its 400 images in 10 s at 10 images/s: 30 s left; 2 more to start at its 40 s.
+    eta.seen("a", 400, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
+    assert eta.left_s(started=2) == pytest.approx((30 + 2 * 40) / 2)
+    eta.end("a")
+    assert eta.left_s(started=2) == pytest.approx(2 * 40 / 2)
+    capped = Eta(total=1, concurrency=1, cap_s=20.0, fraction=1.0)
+    capped.seen("a", 400, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
+    assert capped.left_s(started=1) == pytest.approx(10.0)  # time mode: no trial trains past the limit
+    line = bar(2, 4, 0.61, 90.0)
+    assert line.startswith("[##########..........] 2/4 trials done, best val/acc 0.6100, ETA about")
+    assert "ETA after the first results" in bar(0, 4, None, None) and not math.isnan(eta.fraction)
