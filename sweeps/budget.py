@@ -3,7 +3,7 @@ ASHA's rungs, and the ETA.
 
     budget = plan(settings_like, data, concurrency)        # once, at the start (measures the baseline)
     asha_kw = budget.asha(max_epochs, grace_epochs)        # ASHA's time_attr, max_t, grace_period
-    eta = Eta(budget, concurrency, n_train); eta.seen(...); eta.left_s(...)
+    eta = Eta(total, concurrency, cap_s, share, guess_s); eta.seen(...); eta.end(...); eta.left_s()
 
 In time mode ASHA's rungs count each trial's training seconds (`cost/train_s`, summed over its
 epochs; not time spent waiting for a slot), so a cheap and an expensive configuration are compared
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY
 
-TRIAL_FACTOR = 10.0  # a trial may train for this many times the baseline's time at the sweep's epochs
+TRIAL_FACTOR = 15.0  # a trial may train for this many times the baseline's time at the sweep's epochs
 MIN_TRIAL_S = 60.0  # ... but never less than this: the guard is for trials that cost minutes, not seconds
 REDUCTION = 3  # ASHA's reduction factor
 RUNGS = 3  # time mode: rungs at max/9, max/3 and max
@@ -155,11 +155,15 @@ class TrialPace:
 
 
 class Eta:
-    """The sweep's remaining wall time, from measured paces: running trials' rest, the trials still to
-    start at the mean projected cost (times ASHA's expected share), over the trials that run at once."""
+    """The sweep's remaining wall time, from measured paces: running trials' rest, and the trials not yet
+    measured at the mean projected cost of the search trials seen (before any: `guess_s`, the start's
+    projection), times ASHA's expected share; over the trials that run at once."""
 
-    def __init__(self, total: int, concurrency: int, cap_s: float | None, fraction: float) -> None:
+    def __init__(
+        self, total: int, concurrency: int, cap_s: float | None, fraction: float, guess_s: float | None = None
+    ) -> None:
         self.total, self.concurrency, self.cap_s, self.fraction = total, max(1, concurrency), cap_s, fraction
+        self.guess_s = guess_s
         self.trials: dict[str, TrialPace] = {}
         self.ended: set[str] = set()
         self.search: set[str] = set()  # trials ASHA may stop (not the baseline)
@@ -175,8 +179,8 @@ class Eta:
     def end(self, trial_id: str) -> None:
         self.ended.add(trial_id)
 
-    def left_s(self, started: int) -> float | None:
-        """Seconds left, or None before any trial reported a pace. `started`: trials begun so far."""
+    def left_s(self) -> float | None:
+        """Seconds left, or None before any trial reported a pace."""
         if not self.trials:
             return None
         fulls = [f for t in self.search if math.isfinite(f := self.trials[t].full_s(self.cap_s))]
@@ -186,9 +190,9 @@ class Eta:
                 continue
             share = self.fraction if tid in self.search else 1.0
             running += max(0.0, full * share - p.spent_s) if tid in self.search else max(0.0, full - p.spent_s)
-        mean = sum(fulls) / len(fulls) if fulls else 0.0
-        pending = max(0, self.total - started) * mean * self.fraction
-        return (running + pending) / self.concurrency
+        mean = sum(fulls) / len(fulls) if fulls else (self.guess_s or 0.0)
+        unmeasured = max(0, self.total - len(set(self.trials) | self.ended))
+        return (running + unmeasured * mean * self.fraction) / self.concurrency
 
 
 def bar(done: int, total: int, best: float | None, left: float | None, width: int = 20) -> str:

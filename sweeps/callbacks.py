@@ -246,7 +246,6 @@ class ProgressCallback(tune.Callback):
     def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0) -> None:
         self.total, self.base, self.baseline = total, base, baseline
         self.eta, self.n_train = eta, n_train  # sweeps.budget.Eta
-        self.started_ids: set[str] = set()
         self._barred = False
         self.done = 0
         self.best = -math.inf
@@ -262,12 +261,12 @@ class ProgressCallback(tune.Callback):
             for t in trials:
                 last = t.last_result or {}
                 acc = last.get(METRIC)
-                if t.config.get("role", "trial") == "trial" and finite(acc) and not last.get("diverged"):
+                measured = not last.get("diverged") and not last.get("failure")
+                if t.config.get("role", "trial") == "trial" and finite(acc) and measured:
                     self.best = max(self.best, acc)
             self._counted = True
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.started_ids = getattr(self, "started_ids", set()) | {trial.trial_id}
         adopt = (trial.config.get("adopt") or {}).get("trial_id")
         note = f" (continues {adopt})" if adopt else ""
         print(f"{self._prefix()} {trial.trial_id} {trial.config.get('role', 'trial'):8s} started{note}", flush=True)
@@ -279,6 +278,9 @@ class ProgressCallback(tune.Callback):
         role = trial.config.get("role", "trial")
         planned = trial_config(trial.config, self.base, self.baseline).epochs
         acc = result.get(METRIC)
+        if result.get("failure"):  # the cost guard's verdict, or out of memory: no epoch to show
+            print(f"{self._prefix()} {trial.trial_id} {role:8s} {result['failure']}: {result.get('error', '')}")
+            return
         if finite(acc) and role == "trial" and not result.get("diverged"):
             self.best = max(self.best, acc)
         print(
@@ -288,7 +290,7 @@ class ProgressCallback(tune.Callback):
             flush=True,
         )
         eta = getattr(self, "eta", None)  # a callback pickled by an older version has none
-        if eta is not None and not result.get("failure"):
+        if eta is not None:
             eta.seen(trial.trial_id, self.n_train * planned, result, search=role == "trial")
             if not self._barred:
                 self._barred = True
@@ -313,7 +315,6 @@ class ProgressCallback(tune.Callback):
             self._bar(trials)
 
     def _bar(self, trials) -> None:
-        started = sum(t.status in ("RUNNING", "TERMINATED", "ERROR") for t in trials)
-        left = self.eta.left_s(max(started, len(self.started_ids), self.done))
+        left = self.eta.left_s()
         best = self.best if self.best > -math.inf else None
         print(f"{self._prefix()} {bar(self.done, self.total, best, left)}", flush=True)

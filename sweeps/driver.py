@@ -20,7 +20,7 @@ from pathlib import Path
 from cnnclf.args import UsageError
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
-from sweeps.budget import REDUCTION, Budget, Eta, asha_fraction, settle, slots
+from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, settle, slots
 from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher
@@ -272,7 +272,8 @@ def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
     mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
     b = sweep.budget
     fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
-    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction)
+    guess = b.max_trial_s or (TRIAL_FACTOR * b.baseline_s if b.baseline_s else None)  # before a trial's pace
+    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess)
     progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train)
     return tune.Tuner(
         sweep.trainable(path),

@@ -46,9 +46,9 @@ def test_time_mode_stops_a_slow_trial_as_too_slow_pruned_in_optuna_finished_in_m
     assert "too slow (cost guard)" in report and "**Budget**: budget by time" in report
 
 
-def _tiny(n: int = 64) -> TaskData:
+def _tiny(n: int = 64, size: int = 16) -> TaskData:
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     y = torch.arange(n) % 2
     return TaskData("cifar10", ["a", "b"], x, y, x[:8], y[:8], x[:8], y[:8])
 
@@ -89,16 +89,50 @@ def test_asha_share_and_rungs_in_seconds():
 
 
 def test_eta_from_measured_paces():
-    eta = Eta(total=4, concurrency=2, cap_s=None, fraction=1.0)
-    assert eta.left_s(started=0) is None
-    # A trial that has trained 100 of its 400 images in 10 s at 10 images/s: 30 s left; 2 more to start at its 40 s.
+    eta = Eta(total=4, concurrency=2, cap_s=None, fraction=1.0, guess_s=50.0)
+    assert eta.left_s() is None
+    # The baseline (not a search trial) reports first: the 3 search trials not yet measured cost the guess.
+    eta.seen("b", 100, {"cost/train_s": 1.0, "cost/images": 50, "throughput/train_img_s": 50.0}, search=False)
+    assert eta.left_s() == pytest.approx((1.0 + 3 * 50) / 2)
+    eta.end("b")
+    # A trial that has trained 100 of its 400 images in 10 s at 10 images/s: 30 s left; 2 more at its 40 s.
     eta.seen("a", 400, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
-    assert eta.left_s(started=2) == pytest.approx((30 + 2 * 40) / 2)
+    assert eta.left_s() == pytest.approx((30 + 2 * 40) / 2)
     eta.end("a")
-    assert eta.left_s(started=2) == pytest.approx(2 * 40 / 2)
+    assert eta.left_s() == pytest.approx(2 * 40 / 2)
     capped = Eta(total=1, concurrency=1, cap_s=20.0, fraction=1.0)
     capped.seen("a", 400, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
-    assert capped.left_s(started=1) == pytest.approx(10.0)  # time mode: no trial trains past the limit
+    assert capped.left_s() == pytest.approx(10.0)  # time mode: no trial trains past the limit
     line = bar(2, 4, 0.61, 90.0)
     assert line.startswith("[##########..........] 2/4 trials done, best val/acc 0.6100, ETA about")
     assert "ETA after the first results" in bar(0, 4, None, None) and not math.isnan(eta.fraction)
+
+
+def test_a_long_projection_without_a_gpu_says_how_to_shrink_it(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from sweeps.budget import settle
+    from sweeps.journal import Journal
+
+    journal = Journal(tmp_path / "journal", "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    baseline = TrainConfig(task="cifar10", model="tutorial", batch_size=4, epochs=2, image_size=32)
+    base = TrainConfig(task="cifar10", image_size=32)
+    flags = dict(budget_by="time", baseline=baseline, base=base, max_epochs=3, scheduler="asha", grace_period=1)
+    flags |= dict(cpus_per_trial=1.0, with_baseline=True)
+    # 40 trials of up to 10 hours each: far over 2 hours, on a machine without a GPU.
+    s = SimpleNamespace(**flags, max_trial_minutes=600.0, num_samples=40)
+    budget = settle(s, journal, _tiny(size=32), gpus=0.0, concurrency=2)
+    out = capsys.readouterr().out
+    assert budget.max_trial_s == 36000.0 and budget.baseline_s is not None
+    assert "projected at the start: about" in out and "this is long without a GPU; to shrink it:" in out
+    assert "--subset 10000" in out and "--num-samples 20" in out
+    assert journal.meta["budget"]["max_trial_s"] == 36000.0  # kept: a resumed sweep keeps its limit
+    # A short sweep says its projection and nothing more; the limit derived from the baseline's measured pace.
+    s = SimpleNamespace(**flags, max_trial_minutes=None, num_samples=2)
+    journal2 = Journal(tmp_path / "journal2", "sqlite:///unused.db", "cifar10", "s2", verbose=False)
+    budget = settle(s, journal2, _tiny(size=32), gpus=0.0, concurrency=2)
+    out = capsys.readouterr().out
+    assert budget.max_trial_s == 60.0 and "at least 60 s" in budget.source  # tiny data: the one-minute floor
+    assert "to shrink it" not in out
+    journal.close(timeout=0)
+    journal2.close(timeout=0)
