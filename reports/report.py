@@ -289,7 +289,7 @@ def _budget_line(s: SweepData) -> str:
     """Which budget mode ran: what ASHA's rungs counted, and the cost guard's limit (sweeps/budget.py)."""
     text = s.parent["tags"].get("budget")
     if text:
-        return f"**Budget**: {text}."
+        return f"**Budget**: {text.removeprefix('budget ')}."
     return "**Budget**: by epochs (ASHA's rungs counted epochs; a sweep from before time budgets, or run with FIFO)."
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY
 
-TRIAL_FACTOR = 15.0  # a trial may train for this many times the baseline's time at the sweep's epochs
+TRIAL_FACTOR = 30.0  # a trial may train for this many times the baseline's time at the sweep's epochs
 MIN_TRIAL_S = 60.0  # ... but never less than this: the guard is for trials that cost minutes, not seconds
 REDUCTION = 3  # ASHA's reduction factor
 RUNGS = 3  # time mode: rungs at max/9, max/3 and max
@@ -155,9 +155,9 @@ class TrialPace:
 
 
 class Eta:
-    """The sweep's remaining wall time, from measured paces: running trials' rest, and the trials not yet
-    measured at the mean projected cost of the search trials seen (before any: `guess_s`, the start's
-    projection), times ASHA's expected share; over the trials that run at once."""
+    """The sweep's remaining wall time, from measured paces: the running trials' whole rest, and the trials
+    not yet measured at the mean projected cost of the search trials seen (before any: `guess_s`, the
+    start's projection) times ASHA's expected share; over the trials that run at once."""
 
     def __init__(
         self, total: int, concurrency: int, cap_s: float | None, fraction: float, guess_s: float | None = None
@@ -188,8 +188,7 @@ class Eta:
         for tid, p in self.trials.items():
             if tid in self.ended or (full := p.full_s(self.cap_s)) != full:
                 continue
-            share = self.fraction if tid in self.search else 1.0
-            running += max(0.0, full * share - p.spent_s) if tid in self.search else max(0.0, full - p.spent_s)
+            running += max(0.0, full - p.spent_s)  # a trial past its first rungs mostly runs on: its whole rest
         mean = sum(fulls) / len(fulls) if fulls else (self.guess_s or 0.0)
         unmeasured = max(0, self.total - len(set(self.trials) | self.ended))
         return (running + unmeasured * mean * self.fraction) / self.concurrency

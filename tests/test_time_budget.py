@@ -43,7 +43,7 @@ def test_time_mode_stops_a_slow_trial_as_too_slow_pruned_in_optuna_finished_in_m
     summary = json.loads((tmp / "out" / "t" / "summary.json").read_text())
     assert summary["outcomes"]["too_slow"] == 1 and summary["failed"] == 0  # a verdict, not a failure: exit 0
     report = (tmp / "out" / "t" / "report.md").read_text()
-    assert "too slow (cost guard)" in report and "**Budget**: budget by time" in report
+    assert "too slow (cost guard)" in report and "**Budget**: by time: ASHA's rungs at" in report
 
 
 def _tiny(n: int = 64, size: int = 16) -> TaskData:
