@@ -26,6 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--pairs", type=int, default=1)
+    p.add_argument("--first", type=int, default=0, help="number of the first pair (seeds first.., 100 + first..)")
     p.add_argument("--num-samples", type=int, default=6)
     p.add_argument("--max-epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=4000)
@@ -36,7 +37,7 @@ def main() -> None:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         results = {}
-        for i in range(args.pairs):
+        for i in range(args.first, args.first + args.pairs):
             for name, seed, extra in ((f"src-{i}", 100 + i, []), (f"cold-{i}", i, []), (f"warm-{i}", i, [f"src-{i}"])):
                 results[name] = run(args, root, name, seed, extra)
                 print(line(name, results[name]), flush=True)
