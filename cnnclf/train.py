@@ -32,28 +32,10 @@ from torch import nn
 from cnnclf.config import TrainConfig
 from cnnclf.data import Normalizer, TaskData, eval_batches, make_augment, normalization, train_batches
 from cnnclf.models import build_model
+from cnnclf.pace import PROBE_S, PROBE_STEPS, Pace, Probe, pace_now, probe_due  # noqa: F401 (re-exported)
 
 SaveCheckpoint = Callable[[str | os.PathLike], None]
 Report = Callable[[int, dict, SaveCheckpoint | None], None]
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How fast a run trains, measured early (see `train`'s `probe`): what a cost guard projects from."""
-
-    seconds: float  # the timed training steps so far in this process (compilation excluded)
-    images: int  # the images those steps trained on
-    images_left: int  # images the run has still to train on after them, to its last epoch
-    spent: float  # training seconds of the run before this process (a resumed run), then this epoch's untimed start
-
-    def projected_s(self, extra_s: float = 0.0) -> float:
-        """The whole run's training seconds at this pace (`extra_s`: more seconds the timed steps took)."""
-        seconds = self.seconds + extra_s
-        return self.spent + seconds + self.images_left * seconds / max(1, self.images)
-
-
-Probe = Callable[[Pace], None]
-PROBE_STEPS, PROBE_S = 200, 20.0  # a run's pace is measured after this many timed steps, or seconds if sooner
 
 
 @dataclass(frozen=True)
@@ -354,10 +336,10 @@ def _train(
             loss_sum += loss.detach() * len(yb)
             correct += step_correct
             seen += len(yb)
-            if probe is not None and step >= warmup and _probe_due(step - warmup + 1, t_timed):
+            if probe is not None and step >= warmup and probe_due(step - warmup + 1, t_timed):
                 per_epoch = n_steps * cfg.batch_size
                 left = per_epoch - seen + per_epoch * (cfg.epochs - epoch)
-                probe(_pace(device, (t0, t_timed), seen - seen_warmup, left, cost))
+                probe(pace_now(device, (t0, t_timed), seen - seen_warmup, left, cost))
                 probe = None
             if step % check_every == check_every - 1 and not torch.isfinite(loss_sum):
                 diverged = True
@@ -365,7 +347,7 @@ def _train(
         if not diverged and not torch.isfinite(loss_sum):
             diverged = True
         if probe is not None and not diverged:  # an epoch shorter than the probe's steps: measured whole
-            probe(_pace(device, (t0, t_timed), seen - seen_warmup, seen * (cfg.epochs - epoch), cost))
+            probe(pace_now(device, (t0, t_timed), seen - seen_warmup, seen * (cfg.epochs - epoch), cost))
             probe = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -443,19 +425,6 @@ def _train(
         confusion=confusion,
     )
     return result
-
-
-def _probe_due(timed_steps: int, t_timed: float) -> bool:
-    return timed_steps >= PROBE_STEPS or (timed_steps % 8 == 0 and time.perf_counter() - t_timed >= PROBE_S)
-
-
-def _pace(device: torch.device, starts: tuple[float, float], images: int, left: int, cost: dict) -> Pace:
-    """The run's Pace now: `images` trained since the timed start in an epoch (starts: its start, the timed
-    start), `left` images still to train after them."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0, t_timed = starts
-    return Pace(time.perf_counter() - t_timed, images, max(0, left), cost["cost/train_s"] + (t_timed - t0))
 
 
 def _spent(cost: dict, seconds: float, images: int, n_params: float) -> dict:

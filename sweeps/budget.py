@@ -56,9 +56,9 @@ class Budget:
         if self.max_trial_s is None:
             return f"budget by time: no limit ({self.source})"
         m = self.max_trial_s
-        rungs = ", ".join(_secs(m / REDUCTION**k) for k in reversed(range(RUNGS)))
+        rungs = ", ".join(duration(m / REDUCTION**k) for k in reversed(range(RUNGS)))
         how = f"ASHA's rungs at {rungs} of each trial's training" if scheduler == "asha" else "FIFO (no ASHA)"
-        return f"budget by time: {how}; a search trial projected over {_secs(m)} stops as too_slow ({self.source})"
+        return f"budget by time: {how}; a search trial projected over {duration(m)} stops as too_slow ({self.source})"
 
 
 def expected_fraction(rungs: list[float], max_t: float, reduction: int = REDUCTION) -> float:
@@ -123,20 +123,17 @@ def plan(mode: str, max_trial_minutes: float | None, baseline: TrainConfig, epoc
     if baseline_s is None:
         return Budget("time", None, "the baseline could not be measured: no limit", None)
     source = (
-        f"{TRIAL_FACTOR:g}x the baseline's {_secs(baseline_s)} for {epochs} epoch(s) at its measured "
-        f"{pace:,.0f} images/s, at least {_secs(MIN_TRIAL_S)}; --max-trial-minutes sets it"
+        f"{TRIAL_FACTOR:g}x the baseline's {duration(baseline_s)} for {epochs} epoch(s) at its measured "
+        f"{pace:,.0f} images/s, at least {duration(MIN_TRIAL_S)}; --max-trial-minutes sets it"
     )
     return Budget("time", max(MIN_TRIAL_S, TRIAL_FACTOR * baseline_s), source, baseline_s)
 
 
-def _secs(s: float) -> str:
+def duration(s: float) -> str:
+    """Seconds in words: 4.2 s, 59 s, 3.0 min, 2.1 h."""
     if s < 10:
         return f"{s:.1f} s"
     return f"{s:.0f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
-
-
-def duration(s: float) -> str:
-    return _secs(s)
 
 
 @dataclass
@@ -186,7 +183,8 @@ class Eta:
         fulls = [f for t in self.search if math.isfinite(f := self.trials[t].full_s(self.cap_s))]
         running = 0.0
         for tid, p in self.trials.items():
-            if tid in self.ended or (full := p.full_s(self.cap_s)) != full:
+            full = p.full_s(self.cap_s)
+            if tid in self.ended or math.isnan(full):
                 continue
             running += max(0.0, full - p.spent_s)  # a trial past its first rungs mostly runs on: its whole rest
         mean = sum(fulls) / len(fulls) if fulls else (self.guess_s or 0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import optuna
 import pytest
@@ -105,7 +104,7 @@ def test_eta_from_measured_paces():
     assert capped.left_s() == pytest.approx(10.0)  # time mode: no trial trains past the limit
     line = bar(2, 4, 0.61, 90.0)
     assert line.startswith("[##########..........] 2/4 trials done, best val/acc 0.6100, ETA about")
-    assert "ETA after the first results" in bar(0, 4, None, None) and not math.isnan(eta.fraction)
+    assert bar(0, 4, None, None).endswith("0/4 trials done, best val/acc -, ETA after the first results")
 
 
 def test_a_long_projection_without_a_gpu_says_how_to_shrink_it(tmp_path, capsys):
