@@ -54,7 +54,9 @@ def build_parser() -> Parser:
     t.add_argument("--normalize", choices=["half", "dataset", "imagenet"])
     t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
     t.add_argument("--subset", type=positive_int, help="train on this many training images")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--eval-subset", type=positive_int, help="cap val and test at this many images each")
+    t.add_argument("--seed", type=int, help="model initialization, batch order and augmentation")
+    t.add_argument("--split-seed", type=int, help="seed of the train/val/test split and subsets (default: --seed)")
     t.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
@@ -191,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
         subset=cfg.subset,
-        seed=cfg.seed,
+        eval_subset=cfg.eval_subset,
+        seed=cfg.data_seed,
         download_missing=not args.no_download,
     )
     m = data.manifest
@@ -224,6 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "files_skipped": m["files_skipped"],
         "skipped_by_reason": m["skipped_by_reason"],
         "manifest": m["manifest_path"],
+        "digest": m["digest"],  # the sweep records the same digest on every run (docs/tracking.md)
+        "n": {k: v["n"] for k, v in m["splits"].items()},
     }
     if args.json:
         out = {k: v for k, v in result.items() if k != "confusion"}

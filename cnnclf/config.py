@@ -67,7 +67,10 @@ class TrainConfig:
     val_fraction: float = 0.1  # of the labelled training images, stratified
     test_fraction: float = 0.1  # only where the data set has no labelled test set (Kaggle Cat/Dog)
     subset: int | None = None  # train on this many training images (stratified), None = all
-    seed: int = 0
+    eval_subset: int | None = None  # cap val and test at this many images each (stratified), None = whole
+    seed: int = 0  # model initialization, batch order and augmentation
+    split_seed: int | None = None  # the train/val/test split and subsets; None: `seed` (a sweep's confirmation
+    # runs keep the sweep's split and change only `seed`)
     # torch.compile of the training step (cnnclf.train). A compiled step drops each epoch's ragged
     # last batch, so that every step has one shape: docs/training.md#compiled-training-step
     compile: str = "auto"
@@ -97,7 +100,13 @@ class TrainConfig:
         check(0 < self.val_fraction < 1, "val_fraction", "expected 0 < x < 1")
         check(0 < self.test_fraction < 1, "test_fraction", "expected 0 < x < 1")
         check(self.subset is None or self.subset >= 2, "subset", "expected >= 2 images")
+        check(self.eval_subset is None or self.eval_subset >= 2, "eval_subset", "expected >= 2 images")
         check(self.compile in COMPILE, "compile", f"expected one of {', '.join(COMPILE)}")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data's split and subsets (cnnclf.data.load_task)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def replace(self, **changes: object) -> TrainConfig:
         """`dataclasses.replace` that names an unknown field instead of a TypeError wall."""

@@ -397,11 +397,7 @@ def _train(
             t_test = time.perf_counter()
             test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
             metrics["time/test_s"] = time.perf_counter() - t_test  # part of a trial's work, not of the sweep's
-            metrics["test/loss"] = test["loss"]
-            metrics["test/acc"] = test["acc"]
-            for name, acc in zip(data.classes, test["per_class"], strict=True):
-                metrics[f"test/acc/{name}"] = acc
-            metrics["test/confusion"] = test["confusion"]  # (C, C) rows true, cols predicted
+            metrics.update(test_metrics(test, data.classes))
         if report is not None:
             report(epoch, dict(metrics), _saver(checkpoint_state, epoch, dict(metrics)))
 
@@ -410,8 +406,7 @@ def _train(
         val = evaluate(model, data.val_x, data.val_y, normalize, num_classes)
         test = evaluate(model, data.test_x, data.test_y, normalize, num_classes)
         metrics = {**metrics, "epoch": start_epoch, "val/loss": val["loss"], "val/acc": val["acc"]}
-        metrics.update({"test/loss": test["loss"], "test/acc": test["acc"], "test/confusion": test["confusion"]})
-        metrics.update({f"test/acc/{n}": a for n, a in zip(data.classes, test["per_class"], strict=True)})
+        metrics.update(test_metrics(test, data.classes))
     result = dict(metrics)
     confusion = result.pop("test/confusion", None)
     if compile_s is not None:
@@ -425,6 +420,24 @@ def _train(
         confusion=confusion,
     )
     return result
+
+
+def test_metrics(test: dict, classes: list[str]) -> dict:
+    """evaluate()'s result on the test split as metrics: accuracy (overall, per class), loss, the confusion
+    matrix ((C, C) rows true, cols predicted), and what the report needs to judge the accuracy: the
+    number of test images (for its binomial interval), the accuracy of always answering the most frequent
+    class (chance), and the largest share of predictions that went to one class (1.0: a constant predictor)."""
+    confusion = torch.tensor(test["confusion"], dtype=torch.float64)
+    n = max(1.0, confusion.sum().item())
+    return {
+        "test/loss": test["loss"],
+        "test/acc": test["acc"],
+        **{f"test/acc/{name}": acc for name, acc in zip(classes, test["per_class"], strict=True)},
+        "test/n": confusion.sum().item(),
+        "test/majority_acc": confusion.sum(1).max().item() / n,
+        "test/top_pred_share": confusion.sum(0).max().item() / n,
+        "test/confusion": test["confusion"],
+    }
 
 
 def _spent(cost: dict, seconds: float, images: int, n_params: float) -> dict:

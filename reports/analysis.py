@@ -23,11 +23,14 @@ from sweeps.spec import (
     METRIC,
     ROLES,
     SGD_ONLY,
+    Answer,
+    Run,
     confirmation_stats,
     finite,
     ranked_by,
     reproduce_command,
 )
+from sweeps.spec import answer as spec_answer
 
 NOT_HYPERPARAMS = ("task", "val_fraction", "test_fraction")  # data split settings, identical across a sweep
 # Every TrainConfig field but the data split (and the free-form tags), in TrainConfig's own order.
@@ -41,7 +44,7 @@ _LABELS = {
     "running": "still running",
 }
 OUTCOME_LABELS = {o: _LABELS.get(o, o) for o in OUTCOMES}
-ALWAYS_COUNTED = (*MEASURED, "diverged", "error")  # rows of the outcome table even when zero
+ALWAYS_COUNTED = (*MEASURED, "too_slow", "diverged", "oom", "error")  # the console's counts: rows even when zero
 
 
 def task_of(sweep: SweepData) -> str:
@@ -69,9 +72,25 @@ def ranked(runs: pd.DataFrame) -> pd.DataFrame:
     return out.assign(rank=np.arange(1, len(out) + 1))
 
 
+def answer(runs: pd.DataFrame) -> Answer | None:
+    """The sweep's recommendation and its evidence (sweeps.spec.answer: the rule the sweep itself applies),
+    from every run but KILLED orphans."""
+    vis = visible(runs)
+    records = []
+    for r in vis.to_dict("records"):
+        more = {"confirm_of": r.get("confirm_of") if isinstance(r.get("confirm_of"), str) else None}
+        more["seed"] = int(r["seed"]) if finite(r.get("seed")) else None
+        records.append(Run.of(str(r["trial_id"]), str(r["role"]), str(r["outcome"]), r, **more))
+    return spec_answer(records)
+
+
 def best(runs: pd.DataFrame) -> pd.Series | None:
+    """The recommended configuration's search trial (see `answer`): confirmed, or the best by val/acc."""
+    a = answer(runs)
+    if a is None:
+        return None
     r = ranked(runs)
-    return None if r.empty else r.iloc[0]
+    return r[r["trial_id"] == a.trial.trial_id].iloc[0]
 
 
 def baseline(runs: pd.DataFrame) -> pd.Series | None:
@@ -198,6 +217,9 @@ def logged_config(sweep: SweepData, run_id: str) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"tags"}
     params.setdefault("task", task_of(sweep))
     params.setdefault("compile", "auto")  # stores written before the setting existed trained with today's auto
+    for k in ("momentum", "nesterov", "amsgrad", "eval_subset", "split_seed"):
+        # not logged where the optimizer ignores it (sweeps.spec.applies), nor by stores before the field
+        params.setdefault(k, getattr(TrainConfig(), k))
     if missing := sorted(fields - set(params)):
         raise ValueError(f"no param {', '.join(missing)}")
     return TrainConfig.from_dict({k: v for k, v in params.items() if k in fields})
@@ -215,7 +237,7 @@ def class_names(sweep: SweepData, runs: pd.DataFrame) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Hyperparameter importance (Optuna's fANOVA over the sweep's own trials).
 
-MIN_TRIALS = 3
+MIN_TRIALS = 10  # fANOVA on fewer trials ranks noise (a sentence in the report says so instead)
 FAMILIES = {  # group name -> (optimizers, the params only that family has)
     "SGD trials": (SGD_FAMILY, SGD_ONLY),
     "Adam/AdamW trials": (ADAM_FAMILY, ADAM_ONLY),

@@ -250,7 +250,7 @@ def _infer_confirm_of(runs: pd.DataFrame, raw: dict[str, dict[str, str]]) -> Non
         return
 
     def key(run_id: str) -> tuple:
-        return tuple(sorted((k, v) for k, v in raw.get(run_id, {}).items() if k != "seed"))
+        return tuple(sorted((k, v) for k, v in raw.get(run_id, {}).items() if k not in ("seed", "split_seed")))
 
     trials = runs[runs["role"] == "trial"].sort_values("start", kind="stable")
     originals: dict[tuple, str] = {}

@@ -31,6 +31,9 @@ from sweeps.spec import (
     MEASURED,
     METRIC,
     METRIC_PREFIXES,
+    Run,
+    applies,
+    chance_flag,
     finite,
     outcome_of,
     trial_config,
@@ -142,9 +145,10 @@ class MLflowCallback(tune.Callback):
                 "status": "running",
                 **({"confirm_of": trial.config["confirm_of"]} if "confirm_of" in trial.config else {}),
                 **j.meta.get("provenance", {}),
+                **({"data.digest": j.meta["data_digest"]} if j.meta.get("data_digest") else {}),
                 NOTE: f"{role} of sweep {self.sweep}: {config_line(cfg)}; running",
             },
-            params={k: str(v) for k, v in cfg.to_dict().items() if k != "tags"},
+            params={k: str(v) for k, v in cfg.to_dict().items() if k != "tags" and applies(k, cfg.optimizer)},
         )
         log_datasets(j, key)
 
@@ -184,8 +188,14 @@ class MLflowCallback(tune.Callback):
         scores = [f"{k} {last[k]:.2%}" for k in (METRIC, "test/acc") if finite(last.get(k)) and status in MEASURED]
         epochs = f" after {epochs_text(int(last['epoch']))}" if finite(last.get("epoch")) else ""
         cfg = config_line(trial_config(trial.config, self.base, self.baseline))
-        return f"{role} of sweep {self.sweep}: {cfg}. {status.replace('_', ' ')}{epochs}" + (
-            f": {', '.join(scores)}" if scores else ""
+        flag = ""
+        if status == "completed" and finite(last.get("test/acc")):
+            run = Run.of(trial.trial_id, role, status, last)
+            flag = chance_flag(run.test_estimate(), (run,)) or ""
+        return (
+            f"{role} of sweep {self.sweep}: {cfg}. {status.replace('_', ' ')}{epochs}"
+            + (f": {', '.join(scores)}" if scores else "")
+            + (f". Warning: {flag}" if flag else "")
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store
 from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
-from sweeps.flags import build_parser, check_args
+from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.journal import Journal, read_meta
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
@@ -80,18 +80,23 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
             f"argument --fix: epochs={fixed_epochs} disagrees with --max-epochs {args.max_epochs}; "
             "they are one setting, give one of them"
         )
-    v["max_epochs"] = fixed_epochs or args.max_epochs or spec.default_max_epochs
-    base, ranges, load = spec.base.replace(epochs=v["max_epochs"], seed=args.seed), spec.ranges, {"subset": args.subset}
-    if args.smoke_test:
-        v.update(num_samples=2, max_epochs=1, confirm=min(args.confirm, 1), confirm_top=1)  # confirmation exercised
-        ranges, base = spec.smoke_ranges, base.replace(epochs=1, image_size=spec.smoke_image_size)
-        load = {"subset": args.subset or 256, "eval_subset": 128}
+    # --smoke-test sets defaults (few small trials on a small subset, 1 epoch, one confirmation seed);
+    # every flag given beside it is kept.
+    smoke = args.smoke_test
+    v["max_epochs"] = fixed_epochs or args.max_epochs or (1 if smoke else spec.default_max_epochs)
+    v["num_samples"] = args.num_samples or (SMOKE_SAMPLES if smoke else DEFAULT_SAMPLES)
+    v["confirm"], v["confirm_top"] = confirm_defaults(
+        v["num_samples"], 1 if smoke and args.confirm is None else args.confirm, args.confirm_top
+    )
+    # Data settings are TrainConfig fields, so every run logs them and its reproduce command repeats them.
+    data = {"seed": args.seed, "subset": args.subset or (256 if smoke else None), "eval_subset": 128 if smoke else None}
+    base, ranges = spec.base.replace(epochs=v["max_epochs"], **data), spec.ranges
+    if smoke:
+        ranges, base = spec.smoke_ranges, base.replace(image_size=spec.smoke_image_size)
     fixed = parse_fix(args.fix, base)
-    if args.smoke_test:
-        fixed.pop("epochs", None)  # the smoke test trains one epoch, whatever was fixed
     base = base.replace(**{k: f for k, f in fixed.items() if k not in SEARCH_PARAMS})
     baseline = spec.baseline.replace(
-        epochs=min(spec.baseline.epochs, v["max_epochs"]), image_size=base.image_size, seed=args.seed
+        epochs=min(spec.baseline.epochs, v["max_epochs"]), image_size=base.image_size, **data
     )
     if "compile" in fixed:  # how trials run, not what they are: the baseline runs the same way
         baseline = baseline.replace(compile=fixed["compile"])
@@ -100,8 +105,8 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
     v["storage"] = storage_uri(args.storage_path)
     v["task"], v["warm_start"] = spec.task, tuple(dict.fromkeys(args.warm_start))
     _check_places(v)
-    load |= {"image_size": base.image_size, "val_fraction": base.val_fraction, "test_fraction": base.test_fraction}
-    load["seed"] = args.seed
+    load = {k: getattr(base, k) for k in ("subset", "eval_subset", "image_size", "val_fraction", "test_fraction")}
+    load["seed"] = base.data_seed
     v |= {"base": base, "baseline": baseline, "ranges": ranges, "fixed": fixed, "faults": faults}
     v["trial_settings"] = settings_of(base, fixed, ranges, load)
     return _build(spec, v), load
@@ -249,7 +254,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
 def parse_fix(items: list[str], base: TrainConfig) -> dict:
     """`--fix name=value` pairs, typed by TrainConfig's field; raises UsageError on a bad name or value."""
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    allowed = sorted(set(types) - {"task", "tags", "subset", "seed"})
+    allowed = sorted(set(types) - {"task", "tags", "subset", "eval_subset", "seed", "split_seed"})
     fixed: dict = {}
     for item in items:
         name, sep, raw = item.partition("=")

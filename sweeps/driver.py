@@ -131,7 +131,9 @@ def run_sweep(s: Settings, data) -> int:
             if priors is not None:
                 path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
                 meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
-            journal.append("meta", data=meta | {"datasets": runs.datasets(data.manifest, s.spec.task)})
+            meta |= {"datasets": runs.datasets(data.manifest, s.spec.task), "data_digest": data.manifest.get("digest")}
+            meta["data_n"] = {k: v["n"] for k, v in (data.manifest.get("splits") or {}).items()}
+            journal.append("meta", data=meta)
         try:
             resources = ray.cluster_resources()
             gpus = _gpus(s, resources.get("GPU", 0))
@@ -339,5 +341,6 @@ def _trial_dirname(trial) -> str:
 
 def _baseline_keys() -> set[str]:
     """The baseline preset's training fields; data fields (resolution, splits, subset, seed) come from the sweep."""
-    data_fields = {"task", "tags", "image_size", "val_fraction", "test_fraction", "subset", "seed"}
+    data_fields = {"task", "tags", "image_size", "val_fraction", "test_fraction", "subset", "eval_subset", "seed"}
+    data_fields.add("split_seed")
     return {f.name for f in dataclasses.fields(TrainConfig)} - data_fields

@@ -14,11 +14,14 @@ from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY
 from sweeps.runs import close_parent, describe_parent, log_summary
 from sweeps.spec import (
+    DOCUMENTED,
     FAILED,
     METRIC,
     OUTCOMES,
     SEARCH_PARAMS,
-    confirmation_stats,
+    Answer,
+    Run,
+    answer,
     finite,
     outcome_of,
     ranked_by,
@@ -41,6 +44,15 @@ class Row:
     epochs: int | None
     result: object  # ray.tune.Result
     confirm_of: str | None = None
+
+    @property
+    def metrics(self) -> dict:
+        return getattr(self.result, "metrics", None) or {}
+
+    def as_run(self) -> Run:
+        """What sweeps.spec.answer needs of this row (its val/acc and test/acc as collected)."""
+        m = {**self.metrics, METRIC: self.val_acc, "test/acc": self.test_acc}
+        return Run.of(self.trial_id, self.role, self.outcome, m, confirm_of=self.confirm_of, seed=self.cfg.seed)
 
 
 def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
@@ -77,24 +89,28 @@ def confirm_configs(ranked: list[Row], top: int, seeds: int, seed: int) -> list[
     configs = []
     for r in [r for r in ranked if r.outcome == "completed"][:top]:
         fields = {k: v for k, v in r.cfg.to_dict().items() if k not in ("task", "tags")}
+        fields["split_seed"] = r.cfg.data_seed  # the same data and splits; only training's randomness is new
         for i in range(seeds):
             configs.append({**fields, "seed": seed + 1000 * (i + 1), "role": "confirm", "confirm_of": r.trial_id})
     return configs
 
 
-def confirmations(rows: list[Row]) -> dict[str, dict]:
-    """trial_id -> n, mean and std of test/acc and val/acc over its confirm runs."""
+def confirmations(ans: Answer | None) -> dict[str, dict]:
+    """trial_id -> its confirmation: n, mean, std and 95% interval of test/acc, mean and std of val/acc,
+    in the order the answer ranks them (best mean val/acc first)."""
     out: dict[str, dict] = {}
-    for tid in sorted({r.confirm_of for r in rows if r.role == "confirm"}):
-        runs = [r for r in rows if r.role == "confirm" and r.confirm_of == tid and r.outcome == "completed"]
-        runs = [r for r in runs if r.test_acc is not None]
-        if runs:
-            out[tid] = confirmation_stats([r.test_acc for r in runs], [r.val_acc for r in runs])
+    for c in ans.ranking if ans else ():
+        out[c.trial.trial_id] = {
+            "n": c.test.n,
+            "test_mean": c.test.mean,
+            "test_std": c.test.std,
+            "test_ci95": [c.test.lo, c.test.hi],
+            "val_mean": c.val.mean,
+            "val_std": c.val.std,
+            "failed": c.failed,
+            "flag": c.flag,
+        }
     return out
-
-
-def _std(x: float) -> str:
-    return f"{x:.4f}" if finite(x) else "n/a (one run)"
 
 
 def dump_json(obj, path: Path) -> Path:
@@ -160,15 +176,21 @@ class Ending:
 
 
 def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
-    """Print the top 5, the baseline and the confirmations; save the best; log it all to the parent run."""
+    """Print the top 5, the baseline, the confirmations and the answer; save the recommended configuration
+    and its model; log it all to the parent run."""
     ranked = rank(rows)
     base_row = next((r for r in rows if r.role == "baseline"), None)
-    confirm = confirmations(rows)
+    ans = answer([r.as_run() for r in rows])
+    confirm = confirmations(ans)
     outcomes = {k: sum(r.outcome == k for r in rows if r.role != "confirm") for k in OUTCOMES}
-    _print_table(ranked, base_row, outcomes, confirm)
+    _print_table(ranked, base_row, outcomes)
     best, files = None, []
-    if ranked:
-        best, files = _save_best(ranked[0], base_row, confirm, journal.sweep, end.out_dir, data)
+    if ans is not None:
+        best = recommendation(ans, {r.trial_id: r for r in rows}, journal, data)
+        _print_answer(ans, best)
+        files = [(dump_json(best, end.out_dir / "best_config.json"), None)]
+        files += _best_artifacts(next(r for r in rows if r.trial_id == ans.model.trial_id), end.out_dir, data)
+        print(f"config: {end.out_dir / 'best_config.json'}")
     summary = {
         "outcomes": outcomes,
         "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
@@ -180,7 +202,8 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     log_summary(journal, best, summary, [*files, (summary_json, None)])
     describe_parent(journal, best, summary)
     if best is not None and (end.out_dir / "best_model.pt", "best_model") in files:
-        log_model(journal, end.out_dir / "best_model.pt", data, best["trial_id"], end.register_model)
+        source = best["model"]["source"]
+        log_model(journal, end.out_dir / "best_model.pt", data, best["trial_id"], end.register_model, source)
     journal.append("meta", data={"finished": True})
     if journal.flush(timeout=end.wait):  # the report reads what was just logged
         write_report(journal, end.out_dir)
@@ -195,37 +218,114 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     return summary
 
 
-def _print_table(ranked: list[Row], base_row: Row | None, outcomes: dict, confirm: dict) -> None:
+def _print_table(ranked: list[Row], base_row: Row | None, outcomes: dict) -> None:
     print(f"\n{'trial':>10s} {'role':8s} {'val/acc':>7s} {'test/acc':>8s} {'epochs':>6s}  config")
     for r in ranked[:5]:
         print(_fmt(r))
     if base_row is not None:
         print(_fmt(base_row))
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
-    for tid, st in confirm.items():
-        print(
-            f"confirmed {tid}: test/acc {st['test_mean']:.4f} ± {_std(st['test_std'])}, "
-            f"val/acc {st['val_mean']:.4f} ± {_std(st['val_std'])} (n={st['n']} fresh seeds)"
-        )
 
 
-def _save_best(b: Row, base_row: Row | None, confirm: dict, sweep: str, out_dir: Path, data) -> tuple[dict, list]:
-    """best_config.json, the best model and its eval artifacts; (best, [(file, artifact folder)])."""
-    best = {
-        "sweep": sweep,
-        "trial_id": b.trial_id,
-        "val/acc": b.val_acc,
-        "test/acc": b.test_acc,
-        "config": {k: v for k, v in b.cfg.to_dict().items() if k != "tags"},
-        "command": reproduce_command(b.cfg),
-        "baseline": {"val/acc": base_row.val_acc, "test/acc": base_row.test_acc} if base_row else None,
-        "confirmation": confirm.get(b.trial_id),
+def _estimate(e) -> dict:
+    return {"mean": e.mean, "std": e.std, "n": e.n, "ci95": [e.lo, e.hi], "text": e.text()}
+
+
+def _difference(d) -> dict | None:
+    if d is None:
+        return None
+    return {"diff": d.diff, "ci95": [d.lo, d.hi], "p": d.p, "beyond_noise": d.beyond_noise, "text": d.text()}
+
+
+def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
+    """best_config.json: the recommended configuration, how it was chosen, how sure it is, the command that
+    reproduces its search trial, which run the saved model is, and the data it was all measured on."""
+    trial, model = rows[ans.trial.trial_id], rows[ans.model.trial_id]
+    doc = DOCUMENTED.get(trial.cfg.task)
+    splits = data.manifest.get("splits") or {}
+    n_train = (splits.get("train") or {}).get("n")
+    if ans.confirmed:
+        c = ans.confirmed
+        how = f"confirmed: the highest mean val/acc over {c.val.n} fresh seeds"
+        how += f" (the search ranked it #{ans.search_rank})" if ans.search_rank > 1 else " (also the search's best)"
+    else:
+        how = "unconfirmed: the best search trial by val/acc, one run (--confirm 0, or no confirmation run completed)"
+    model_source = "its search trial" if model.role == "trial" else f"confirmation run {model.trial_id}"
+    model_source += f" (seed {model.cfg.seed}, val/acc {model.val_acc:.2%}, the best of its runs)"
+    return {
+        "sweep": journal.sweep,
+        "trial_id": trial.trial_id,
+        "selected_by": "confirmation" if ans.confirmed else "search",
+        "why": how,
+        "val/acc": ans.val.mean,
+        "test/acc": ans.test.mean,
+        "test": _estimate(ans.test),
+        "flag": ans.flag,
+        "search_trial": {"rank": ans.search_rank, "val/acc": trial.val_acc, "test/acc": trial.test_acc},
+        "search_top": ans.search_top.trial_id,
+        "config": {k: v for k, v in trial.cfg.to_dict().items() if k != "tags"},
+        "command": reproduce_command(trial.cfg),
+        "command_gives": {"run": trial.trial_id, "test/acc": trial.test_acc, "val/acc": trial.val_acc},
+        "model": {
+            "run": model.trial_id,
+            "source": model_source,
+            "val/acc": model.val_acc,
+            "test/acc": model.test_acc,
+            "command": reproduce_command(model.cfg),
+        },
+        "data": {"digest": data.manifest.get("digest"), "images": {k: v.get("n") for k, v in splits.items()}},
+        "baseline": (
+            {"trial_id": ans.baseline.trial_id, "val/acc": ans.baseline.val, "test/acc": ans.baseline.test}
+            | {"test": _estimate(ans.baseline.test_estimate()), "difference": _difference(ans.vs_baseline())}
+            if ans.baseline
+            else None
+        ),
+        "runner_up": (
+            {"trial_id": ans.runner_up.trial.trial_id, "test": _estimate(ans.runner_up.test)}
+            | {"difference": _difference(ans.vs_runner_up())}
+            if ans.runner_up
+            else None
+        ),
+        "documented": (
+            {
+                "test/acc": doc.test_acc,
+                "budget_differs": doc.budget_differences(trial.cfg.epochs, n_train, trial.cfg.image_size),
+            }
+            if doc
+            else None
+        ),
+        "confirmation": confirmations(ans).get(trial.trial_id),
     }
-    files = [(dump_json(best, out_dir / "best_config.json"), None), *_best_artifacts(b, out_dir, data)]
-    te = "-" if b.test_acc is None else f"{b.test_acc:.4f}"
-    print(f"best: {b.trial_id} val/acc {b.val_acc:.4f} test/acc {te}; config in {out_dir / 'best_config.json'}")
-    print(f"reproduce: {best['command']}")
-    return best, files
+
+
+def _print_answer(ans: Answer, best: dict) -> None:
+    """The answer on the console: the confirmations, then the recommended configuration and its evidence."""
+    for c in ans.ranking:
+        flag = f"  [{c.flag}]" if c.flag else ""
+        print(f"confirmed {c.trial.trial_id}: test/acc {c.test.text()}; val/acc {c.val.text()}{flag}")
+    if ans.reordered:
+        print(
+            f"confirmation reordered the search: {ans.trial.trial_id} (search #{ans.search_rank}) has the best mean "
+            f"val/acc over fresh seeds, not the search's best {ans.search_top.trial_id}"
+        )
+    print(f"recommended: {ans.trial.trial_id}, {best['why']}")
+    print(f"  test/acc {ans.test.text()}")
+    if ans.flag:
+        print(f"  warning: {ans.flag}")
+    if best["runner_up"]:
+        print(f"  vs runner-up {best['runner_up']['trial_id']}: {best['runner_up']['difference']['text']}")
+    if best["baseline"] and best["baseline"]["difference"]:
+        b = best["baseline"]
+        print(f"  vs the baseline re-measured here ({b['test']['text']}): {b['difference']['text']}")
+    doc = best["documented"]
+    if doc and finite(ans.test.mean):
+        differs = doc["budget_differs"]
+        budget = f" (another budget: {', '.join(differs)})" if differs else " (the same budget)"
+        print(f"  vs the documented {doc['test/acc']:.0%}{budget}: {100 * (ans.test.mean - doc['test/acc']):+.2f} pts")
+    given = best["command_gives"]["test/acc"]
+    gives = f"{given:.2%}" if finite(given) else "-"
+    print(f"reproduce: {best['command']}\n  (its search trial {ans.trial.trial_id}; it gave test/acc {gives})")
+    print(f"model: {best['model']['source']}")
 
 
 def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]]:
@@ -252,13 +352,13 @@ def _best_artifacts(b: Row, out_dir: Path, data) -> list[tuple[Path, str | None]
     return files
 
 
-def log_model(journal, checkpoint: Path, data, trial_id: str, register: str | None) -> None:
+def log_model(journal, checkpoint: Path, data, trial_id: str, register: str | None, source: str = "") -> None:
     """Journal the best checkpoint as an MLflow pyfunc model (sweeps/model.py) on the parent run, registered
     under `register` (--register-model) when given. best_model.pt stays an artifact of its own as well."""
     try:
         from sweeps import model
 
-        op = model.journal_op(checkpoint, data.test_x, checkpoint.parent, journal.sweep, trial_id, register)
+        op = model.journal_op(checkpoint, data.test_x, checkpoint.parent, journal.sweep, trial_id, register, source)
     except Exception as e:
         print(f"warning: the best model cannot be logged as an MLflow model: {type(e).__name__}: {e}", file=sys.stderr)
         return
@@ -286,7 +386,7 @@ def write_report(journal, out_dir: Path) -> list[Path]:
     except Exception as e:
         print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
         return []
-    print(f"report: {written[0]}")
+    print(f"report: {written[0]}\nreport: {written[1]} (open in a browser)")
     for p in written:
         journal.append("artifact", "sweep", path=str(p.resolve()), dir="report")
     return written

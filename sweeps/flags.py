@@ -15,6 +15,18 @@ from cnnclf.config import name_error
 from sweeps import store
 from sweeps.spec import TaskSpec
 
+DEFAULT_SAMPLES, SMOKE_SAMPLES = 40, 2
+
+
+def confirm_defaults(num_samples: int, seeds: int | None, top: int | None) -> tuple[int, int]:
+    """(fresh seeds, top configurations) for the confirmation, where the flags left them out: at most about a
+    third of the search's trials in extra trainings (4 or 6 trials: 1 config x 2 seeds; 9: 1 x 3; 18: 2 x 3;
+    27 and more: 3 x 3), since a confirmation that costs more than the search is a second search. Two seeds
+    are the fewest with a spread; three give a usable interval."""
+    seeds = (2 if num_samples < 9 else 3) if seeds is None else seeds
+    top = max(1, min(3, num_samples // 3 // max(seeds, 1))) if top is None else top
+    return seeds, top
+
 
 def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p = Parser(
@@ -30,7 +42,12 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
 
 
 def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
-    p.add_argument("--num-samples", type=int, default=40, help="search trials (the seed baseline runs on top)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help=f"search trials; the seed baseline runs on top (default {DEFAULT_SAMPLES}; --smoke-test: {SMOKE_SAMPLES})",
+    )
     p.add_argument(
         "--max-epochs",
         type=int,
@@ -56,10 +73,28 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
     )
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="pin a parameter (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the re-measured seed baseline")
-    p.add_argument("--confirm", type=int, default=3, help="retrain the top configs with this many fresh seeds (0: off)")
-    p.add_argument("--confirm-top", type=int, default=3, help="how many top configs --confirm retrains")
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=None,
+        help="retrain the top configs with this many fresh seeds; the recommendation is the confirmed config with "
+        "the best mean val/acc (0: off, the best search trial is recommended unconfirmed; default: 2 seeds under 9 "
+        "search trials, else 3; --smoke-test: 1)",
+    )
+    p.add_argument(
+        "--confirm-top",
+        type=int,
+        default=None,
+        help="how many top configs --confirm retrains (default: as many as keep the confirmation runs within about "
+        "a third of --num-samples, 1 to 3)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke-test", action="store_true", help="2 trials + baseline, 1 epoch, small subset")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"defaults for a quick check: {SMOKE_SAMPLES} trials + baseline, 1 epoch, a small subset, small nets "
+        "(flags given beside it are kept)",
+    )
     p.add_argument(
         "--warm-start",
         action="append",
@@ -122,9 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"argument {flag}: {why}")
 
     for flag in ("num_samples", "grace_period", "confirm_top"):
-        need(getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
+        need(getattr(args, flag) is None or getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
     for flag in ("max_failures", "confirm", "mlflow_wait"):
-        need(getattr(args, flag) >= 0, "--" + flag.replace("_", "-"), "expected >= 0")
+        need(getattr(args, flag) is None or getattr(args, flag) >= 0, "--" + flag.replace("_", "-"), "expected >= 0")
     for flag in ("max_epochs", "max_concurrent"):
         need(getattr(args, flag) is None or getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
     need(args.cpus_per_trial > 0 and math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected > 0")

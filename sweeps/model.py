@@ -110,7 +110,9 @@ def requirements() -> list[str]:
     return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in REQUIREMENTS]
 
 
-def journal_op(checkpoint: Path, test_x, out_dir: Path, sweep: str, trial_id: str, register: str | None) -> dict:
+def journal_op(
+    checkpoint: Path, test_x, out_dir: Path, sweep: str, trial_id: str, register: str | None, source: str = ""
+) -> dict:
     """The fields of the journal's "model" op for the checkpoint `best_model.pt`: everything it needs is in
     the op or in a file beside the checkpoint, so a replay (`--sync`) logs the same model.
 
@@ -132,7 +134,8 @@ def journal_op(checkpoint: Path, test_x, out_dir: Path, sweep: str, trial_id: st
         "input": f"uint8 (N, {size}, {size}, 3) RGB, channels last",
         "output": f"DataFrame: a float32 probability column per class, and {CLASS_COLUMN!r} (the argmax)",
         "sweep": sweep,
-        "trial_id": trial_id,
+        "trial_id": trial_id,  # the recommended configuration's search trial
+        "source": source,  # which of its runs these weights are (the search trial or a confirmation run)
         "checkpoint": "best_model/best_model.pt on the parent run; read with torch.load(weights_only=True)",
     }
     return {

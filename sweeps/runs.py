@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY, Journal, now_ms
-from sweeps.spec import DOCUMENTED, METRIC, SWEEP_PARAM_PREFIX, TASKS, finite, only_finite
+from sweeps.spec import DOCUMENTED, SWEEP_PARAM_PREFIX, TASKS, finite, only_finite
 
 # --- the parent run: written by the driver around the Tuners' fits ------------------------------
 
@@ -33,6 +33,9 @@ def open_parent(journal: Journal, sweep_params: dict) -> None:
         tags[NOTE] = f"Sweep {journal.sweep} of {task}: running. {about}"
         if journal.meta.get("command"):
             tags["command"] = journal.meta["command"]
+        if journal.meta.get("data_digest"):  # cnnclf.data.data_digest: the images every run here saw
+            tags["data.digest"] = journal.meta["data_digest"]
+        tags |= {f"data.{k}_n": str(n) for k, n in (journal.meta.get("data_n") or {}).items()}  # images per split
         if journal.meta.get("budget_text"):  # --budget-by, the cost guard's limit and where it came from
             tags["budget"] = journal.meta["budget_text"]
         warm = journal.meta.get("warm_start")
@@ -124,7 +127,11 @@ def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[
     if best is not None:  # tags, not params: a resumed sweep may find a new best; best_config.json has it all
         config = {k: v for k, v in best["config"].items() if k != "tags"}
         tags = [["best.trial_id", best["trial_id"]], ["best.config", json.dumps(config)]]
-        metrics |= {f"best/{k}": best.get(k) for k in ("val/acc", "test/acc")}
+        tags += [["best.selected_by", best["selected_by"]], ["best.model_run", best["model"]["run"]]]
+        tags += [["best.flag", best["flag"]]] if best.get("flag") else []
+        metrics |= {f"best/{k}": best.get(k) for k in ("val/acc", "test/acc")}  # the confirmed means, if confirmed
+        lo, hi = best["test"]["ci95"]
+        metrics |= {"best/test/acc_ci95_lo": lo, "best/test/acc_ci95_hi": hi}
         conf = best.get("confirmation") or {}
         metrics |= {f"best/confirm/{k}": conf.get(k) for k in ("test_mean", "test_std", "n")}
     metrics["baseline/test/acc"] = summary.get("baseline_test_acc")
@@ -135,28 +142,30 @@ def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[
 
 
 def describe_parent(journal: Journal, best: dict | None, summary: dict) -> str:
-    """The parent run's description: the headline of the sweep, as the report opens with it."""
+    """The parent run's description: the sweep's answer, as the report's headline gives it."""
     task = journal.meta.get("task", "")
-    doc = DOCUMENTED.get(task)
     n = f"{sum(summary['outcomes'].values())} runs (search trials and the seed baseline)"
     if best is None:
         note = f"Sweep {journal.sweep} of {task}: {n}; none finished with a val/acc."
     else:
         line = config_line(TrainConfig.from_dict({k: v for k, v in best["config"].items() if k != "tags"}))
-        scores = ", ".join(f"{k} {best[k]:.2%}" for k in (METRIC, "test/acc") if finite(best.get(k)))
-        note = f"Sweep {journal.sweep} of {task}, {n}. Best: trial {best['trial_id']} ({line}): {scores}."
-        test = best.get("test/acc")
-        marks = [("the documented baseline", doc.test_acc if doc else None)]
-        marks.append(("the baseline re-measured here", summary.get("baseline_test_acc")))
-        vs = [f"{100 * (test - b):+.2f} pts vs {what} ({b:.2%})" for what, b in marks if finite(b) and finite(test)]
-        note += f" Test accuracy {'; '.join(vs)}." if vs else ""
+        note = f"Sweep {journal.sweep} of {task}, {n}. Recommended: trial {best['trial_id']} ({line}), {best['why']}."
+        note += f" Test accuracy {best['test']['text']}."
+        if best.get("flag"):
+            note += f" Warning: {best['flag']}."
+        if best.get("runner_up"):
+            note += f" Versus runner-up {best['runner_up']['trial_id']}: {best['runner_up']['difference']['text']}."
+        if (b := best.get("baseline")) and b.get("difference"):
+            note += f" Versus the baseline re-measured here ({b['test']['text']}): {b['difference']['text']}."
+        doc = best.get("documented")
+        if doc and finite(best.get("test/acc")):
+            other = f", with another budget ({', '.join(doc['budget_differs'])})" if doc["budget_differs"] else ""
+            note += f" {100 * (best['test/acc'] - doc['test/acc']):+.2f} pts vs the documented {doc['test/acc']:.0%}"
+            note += f"{other}."
+        note += f" The model logged here is {best['model']['source']}."
         warm = journal.meta.get("warm_start")
         if warm:
             note += f" Learned from {', '.join(warm['sources'])} ({warm['trials']} prior trials, not ranked here)."
-        conf = best.get("confirmation") or {}
-        if conf.get("n"):
-            std = f" ± {conf['test_std']:.2%}" if finite(conf.get("test_std")) else " (one run, no std)"
-            note += f" Confirmed with {conf['n']} fresh seeds: test {conf['test_mean']:.2%}{std}."
     journal.append("log", SWEEP_KEY, tags=[[NOTE, note]])
     return note
 

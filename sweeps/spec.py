@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cnnclf.config import TrainConfig
+from sweeps import stats
+from sweeps.stats import Difference, Estimate
 
 METRIC, MODE = "val/acc", "max"  # selection; the test set chooses nothing
 # The hyperparameters Optuna searches (names as torch spells them), in display order.
@@ -53,22 +55,49 @@ TASKS = {  # what each task is, for the MLflow experiment's description
 
 @dataclass(frozen=True)
 class Documented:
-    """A baseline as the seed project documented it (its hand-tuned results)."""
+    """A baseline as the seed project documented it (its hand-tuned results), with the budget it had."""
 
     test_acc: float  # fraction
     what: str
     per_class: dict[str, float]  # fractions, where the seed reported them
     hours: float | None = None  # the seed's training time
+    epochs: int | None = None
+    train_images: int | None = None
+    image_size: int | None = None  # pixels per side
+
+    def budget_differences(self, epochs: object, train_images: object, image_size: object) -> list[str]:
+        """How a run's budget differs from this baseline's, one phrase each ("1 epoch vs 2"); [] when alike
+        or unknown. Accuracies from different budgets are not comparable without saying so."""
+        out = []
+        for what, mine, theirs in (
+            ("epochs", epochs, self.epochs),
+            ("training images", train_images, self.train_images),
+            ("px", image_size, self.image_size),
+        ):
+            if finite(mine) and theirs is not None and int(mine) != theirs:
+                unit = "epoch" if what == "epochs" and int(mine) == 1 else what  # type: ignore[arg-type]
+                out.append(f"{int(mine):,} {unit} vs {theirs:,}")
+        return out
 
 
 DOCUMENTED = {
-    "cifar10": Documented(0.61, "the PyTorch tutorial net with Adam (amsgrad), batch 4, 2 epochs", {}),
+    "cifar10": Documented(
+        0.61,
+        "the PyTorch tutorial net with Adam (amsgrad), batch 4, 2 epochs",
+        {},
+        epochs=2,
+        train_images=50_000,
+        image_size=32,
+    ),
     "catdog": Documented(
         0.88,
         "the seed's 5-6 layer CNN, SGD lr 0.008, about 60 epochs, 5 hours (dog 87%, cat 89%; "
         "its other runs reached dog/cat 90/84 and 88/80)",
         {"cat": 0.89, "dog": 0.87},
         hours=5.0,
+        epochs=60,
+        train_images=20_000,
+        image_size=128,
     ),
 }
 
@@ -103,6 +132,16 @@ class TaskSpec:
     smoke_image_size: int
     default_max_epochs: int
     doc: str = ""
+
+
+def applies(field: str, optimizer: str) -> bool:
+    """Whether a TrainConfig field means anything for `optimizer` (momentum and nesterov only for SGD,
+    amsgrad only for the Adam family): a run logs only the fields that apply to it."""
+    if field in SGD_ONLY:
+        return optimizer in OPTIMIZER_FAMILIES["sgd"]
+    if field in ADAM_ONLY:
+        return optimizer in OPTIMIZER_FAMILIES["adam"]
+    return True
 
 
 def finite(x: object) -> bool:
@@ -164,3 +203,148 @@ def confirmation_stats(test: Sequence[float], val: Sequence[float]) -> dict:
 def only_finite(values: dict) -> dict:
     """The finite numbers of a dict (for MLflow metrics and JSON)."""
     return {k: v for k, v in values.items() if finite(v)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's answer: which configuration to train and how sure that is. The sweep (sweeps/finish.py)
+# and the report (reports/) both build a list of Run records and call `answer`.
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the answer needs of one run (a search trial, the baseline or a confirmation run)."""
+
+    trial_id: str
+    role: str
+    outcome: str
+    val: float | None
+    test: float | None
+    test_n: float | None = None  # test images it was measured on (test/n)
+    majority: float | None = None  # accuracy of always answering the most frequent class (test/majority_acc)
+    top_share: float | None = None  # largest share of its predictions given to one class (test/top_pred_share)
+    confirm_of: str | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, trial_id: str, role: str, outcome: str, metrics: dict, **more: object) -> Run:
+        """From a run's last metrics (Tune's result or MLflow's); val and test only where measured."""
+        ok = outcome in MEASURED
+
+        def get(k: str) -> float | None:
+            v = metrics.get(k)
+            return float(v) if finite(v) else None
+
+        val, test = (get(METRIC), get("test/acc")) if ok else (None, None)
+        extra = {"test_n": get("test/n"), "majority": get("test/majority_acc"), "top_share": get("test/top_pred_share")}
+        return cls(trial_id, role, outcome, val, test, **extra, **more)  # type: ignore[arg-type]
+
+    @property
+    def measured(self) -> bool:
+        return self.outcome == "completed" and finite(self.test)
+
+    def test_estimate(self) -> Estimate:
+        return stats.one_run(float(self.test) if finite(self.test) else math.nan, self.test_n)
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """One configuration retrained with fresh seeds: its search trial, the runs that completed, their means."""
+
+    trial: Run
+    runs: tuple[Run, ...]
+    failed: int  # confirmation runs that did not complete
+    test: Estimate  # over the completed runs' test/acc
+    val: Estimate  # over their val/acc: what chooses
+
+    @property
+    def flag(self) -> str | None:
+        return chance_flag(self.test, self.runs)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The recommended configuration and the evidence for it (docs/sweeps.md, "The answer")."""
+
+    trial: Run  # the recommended configuration's search trial
+    confirmed: Confirmed | None  # None: recommended from one unconfirmed run (--confirm 0, or none completed)
+    search_rank: int  # where the search ranked it (1: its best by val/acc)
+    search_top: Run
+    ranking: tuple[Confirmed, ...]  # every confirmed configuration, best mean val/acc first
+    model: Run  # the run whose checkpoint is the logged model: best val/acc among the trial and its confirmations
+    baseline: Run | None
+
+    @property
+    def test(self) -> Estimate:
+        return self.confirmed.test if self.confirmed else self.trial.test_estimate()
+
+    @property
+    def val(self) -> Estimate:
+        return self.confirmed.val if self.confirmed else stats.one_run(_num(self.trial.val), None)
+
+    @property
+    def runner_up(self) -> Confirmed | None:
+        return self.ranking[1] if len(self.ranking) > 1 else None
+
+    @property
+    def reordered(self) -> bool:
+        """Confirmation chose another configuration than the search's best."""
+        return self.confirmed is not None and self.trial.trial_id != self.search_top.trial_id
+
+    def vs_runner_up(self) -> Difference | None:
+        return stats.difference(self.test, self.runner_up.test) if self.runner_up else None
+
+    def vs_baseline(self) -> Difference | None:
+        if self.baseline is None or not finite(self.baseline.test):
+            return None
+        return stats.difference(self.test, self.baseline.test_estimate())
+
+    @property
+    def flag(self) -> str | None:
+        return self.confirmed.flag if self.confirmed else chance_flag(self.test, (self.trial,))
+
+
+def _num(x: object) -> float:
+    return float(x) if finite(x) else math.nan  # type: ignore[arg-type]
+
+
+def chance_flag(test: Estimate, runs: Sequence[Run]) -> str | None:
+    """Why an accuracy says nothing about the configuration, or None: every one of its runs gave every test
+    image the same class (a constant predictor), or its 95% interval reaches chance (the accuracy of always
+    answering the most frequent class)."""
+    shares = [r.top_share for r in runs if finite(r.top_share)]
+    if shares and all(x >= 1 - 1e-9 for x in shares):
+        return "constant predictor: it gives every test image the same class"
+    majority = [r.majority for r in runs if finite(r.majority)]
+    if majority and stats.at_chance(test, max(majority)):
+        return f"at chance: its 95% interval reaches {max(majority):.2%}, the accuracy of always answering one class"
+    return None
+
+
+def answer(runs: Sequence[Run]) -> Answer | None:
+    """The sweep's recommendation from its runs (None when no search trial has a val/acc).
+
+    With confirmation runs, the recommended configuration is the confirmed one with the highest mean val/acc
+    over its fresh seeds (the search trial itself is not counted: it was picked because it was high; ties go
+    to the better search rank). Without any (--confirm 0, or none completed), the best search trial by
+    val/acc, one unconfirmed run. The test set chooses nothing.
+    """
+    keyed = [(k, i, r) for i, r in enumerate(runs) if (k := ranked_by(r.role, r.outcome, r.val)) is not None]
+    ranked = [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]))]
+    if not ranked:
+        return None
+    confirmed = []
+    for rank, trial in enumerate(ranked):
+        mine = [r for r in runs if r.role == "confirm" and r.confirm_of == trial.trial_id]
+        done = tuple(r for r in mine if r.measured)
+        if done:
+            val = stats.over_seeds([_num(r.val) for r in done])
+            test = stats.over_seeds([_num(r.test) for r in done])
+            confirmed.append((rank, Confirmed(trial, done, len(mine) - len(done), test, val)))
+    confirmed.sort(key=lambda rc: (-rc[1].val.mean if finite(rc[1].val.mean) else math.inf, rc[0]))
+    ranking = tuple(c for _, c in confirmed)
+    chosen = ranking[0] if ranking else None
+    trial = chosen.trial if chosen else ranked[0]
+    candidates = [trial, *(chosen.runs if chosen else ())]
+    model = max(candidates, key=lambda r: _num(r.val) if finite(r.val) else -math.inf)  # first wins ties
+    baseline = next((r for r in reversed(runs) if r.role == "baseline" and r.outcome != "interrupted"), None)
+    return Answer(trial, chosen, ranked.index(trial) + 1, ranked[0], ranking, model, baseline)

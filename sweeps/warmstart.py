@@ -28,7 +28,8 @@ def settings_of(base: TrainConfig, fixed: dict, ranges: Ranges, load: dict) -> d
     """What a search trial's val/acc depends on besides its searched values: every training field the
     search leaves alone (image size, epochs, augmentation, ...), the pinned search values (--fix), the
     search ranges and the data subset. Plain JSON values, so they compare after a round trip."""
-    train = {k: v for k, v in base.to_dict().items() if k not in (*SEARCH_PARAMS, "seed", "tags", "task")}
+    data_fields = ("subset", "eval_subset", "split_seed")  # recorded below, as sweeps before them did
+    train = {k: v for k, v in base.to_dict().items() if k not in (*SEARCH_PARAMS, *data_fields, "seed", "tags", "task")}
     pinned = {k: v for k, v in fixed.items() if k in SEARCH_PARAMS}
     data = {k: load.get(k) for k in ("subset", "eval_subset")}
     return json.loads(json.dumps({"train": train, "fixed": pinned, "ranges": dataclasses.asdict(ranges), **data}))

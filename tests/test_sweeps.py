@@ -310,6 +310,7 @@ def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
     from sweeps.cifar10 import SPEC
     from sweeps.finish import Row, confirm_configs, rank
     from sweeps.finish import confirmations as confirmation_stats
+    from sweeps.spec import answer
 
     def row(tid, val, outcome="completed", role="trial", test=None, confirm_of=None, seed=0):
         cfg = SPEC.base.replace(lr=(val or 0.5) / 10, seed=seed)
@@ -322,9 +323,11 @@ def test_confirm_configs_take_the_top_completed_with_fresh_seeds():
     assert [(c["confirm_of"], c["seed"]) for c in configs] == [
         ("c", 1005), ("c", 2005), ("c", 3005), ("e", 1005), ("e", 2005), ("e", 3005)]  # fmt: skip
     assert all(c["role"] == "confirm" and c["lr"] == 0.08 for c in configs[:3])
+    assert all(c["split_seed"] == 0 for c in configs)  # the search's data and splits; only training's seed is new
     confirms = [row(f"c{i}", 0.8, role="confirm", test=t, confirm_of="c") for i, t in enumerate((0.7, 0.8, 0.9))]
-    st = confirmation_stats(rows + confirms)["c"]
+    st = confirmation_stats(answer([r.as_run() for r in rows + confirms]))["c"]
     assert st["n"] == 3 and st["test_mean"] == pytest.approx(0.8) and st["test_std"] == pytest.approx(0.1)
+    assert st["test_ci95"][0] == pytest.approx(0.8 - 4.303 * 0.1 / 3**0.5, abs=1e-3)
 
 
 def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):

@@ -1,0 +1,238 @@
+"""The sweep's answer (docs/sweeps.md, "The answer"): the recommended configuration follows the
+confirmation runs, says how sure it is, flags a model that predicts one class, and every place that
+names it (console, summary.json, best_config.json, the MLflow parent, the report) names the same one.
+
+The end of a sweep is driven here without starting Ray: the sweep's own MLflow writer
+(`sweeps.callbacks.MLflowCallback`) is fed real `ray.tune` Trial objects (stubs: no trainable) and
+their results, through a real journal into a real SQLite MLflow store; `sweeps.finish.finish` then
+ranks, confirms, saves, logs and writes the report, as the driver calls it after its Tuners.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune import Result
+from ray.tune.experiment import Trial
+
+from cnnclf.config import PRESETS, TrainConfig
+from cnnclf.data import load_task
+from sweeps import stats, store
+from sweeps.callbacks import MLflowCallback
+from sweeps.finish import Ending, collect, finish
+from sweeps.journal import Journal
+from sweeps.spec import Run, answer, chance_flag
+from tests.conftest import write_cifar_folders
+
+NOTE = "mlflow.note.content"
+BASE = TrainConfig(task="cifar10", epochs=1, width=8, depth=2, batch_size=32)
+BASELINE = PRESETS["cifar10-seed"].replace(epochs=1)
+
+
+def metrics(val: float, test: float, n: int = 1000, top_share: float = 0.2, majority: float = 0.1) -> dict:
+    """A finished trial's last result, as cnnclf.train reports it (1 epoch)."""
+    return {
+        "epoch": 1,
+        "train/loss": 1.0,
+        "val/loss": 1.1,
+        "val/acc": val,
+        "test/acc": test,
+        "test/n": float(n),
+        "test/majority_acc": majority,
+        "test/top_pred_share": top_share,
+        "diverged": 0.0,
+    }
+
+
+class FakeSweep:
+    """The end of a sweep: runs written by the sweep's MLflow callback, then `finish`."""
+
+    def __init__(self, tmp_path, name: str = "s") -> None:
+        self.tmp = tmp_path
+        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        store.prepare(self.uri)
+        self.out = tmp_path / "out" / name
+        self.journal = Journal(self.out / "journal", self.uri, "cifar10", name, verbose=False)
+        self.journal.append("meta", data={"tracking_uri": self.uri, "experiment": "cifar10", "task": "cifar10"})
+        self.cb = MLflowCallback(self.journal, BASE, BASELINE, {"num_samples": 2}, name)
+        self.cb.setup()
+        self.results: list[Result] = []
+
+    def run(self, tid: str, config: dict, last: dict) -> None:
+        trial = Trial("run_trial", config=config, trial_id=tid, stub=True)
+        self.cb.on_trial_start(0, [], trial)
+        trial.update_last_result(dict(last))
+        self.cb.on_trial_result(0, [], trial, dict(last))
+        self.cb.on_trial_complete(0, [], trial)
+        self.results.append(
+            Result(metrics={**last, "trial_id": tid, "config": config}, checkpoint=None, error=None, path=f"x/t-{tid}")
+        )
+
+    def finish(self) -> dict:
+        data = load_task("cifar10", write_cifar_folders(self.tmp / "cifar", 8, 2), download_missing=False)
+        rows = collect(self.results, BASE, BASELINE)
+        statuses = {r.metrics["trial_id"]: "TERMINATED" for r in self.results}
+        summary = finish(rows, statuses, self.journal, data, Ending(self.out, wait=60.0))
+        self.journal.close(timeout=30)
+        return summary
+
+    def parent(self):
+        c = MlflowClient(self.uri)
+        exp = c.get_experiment_by_name("cifar10")
+        return next(r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("role") == "sweep")
+
+
+def confirm(of: str, seed: int) -> dict:
+    return {"role": "confirm", "confirm_of": of, "seed": seed, "split_seed": 0, "lr": 0.01, "optimizer": "sgd"}
+
+
+@pytest.fixture
+def reversed_sweep(tmp_path, capsys):
+    """t1 is the search's best (val 60%), but over fresh seeds t2 does better (58% vs 51% mean val/acc)."""
+    s = FakeSweep(tmp_path)
+    s.run("t1", {"role": "trial", "lr": 0.01, "optimizer": "sgd"}, metrics(0.60, 0.59))
+    s.run("t2", {"role": "trial", "lr": 0.003, "optimizer": "adam"}, metrics(0.58, 0.57))
+    s.run("b0", {"role": "baseline"}, metrics(0.40, 0.41))
+    for i, (val, test) in enumerate([(0.50, 0.49), (0.52, 0.51)]):
+        s.run(f"c1{i}", confirm("t1", 1000 * (i + 1)), metrics(val, test))
+    for i, (val, test) in enumerate([(0.57, 0.56), (0.59, 0.58)]):
+        s.run(f"c2{i}", {**confirm("t2", 1000 * (i + 1)), "lr": 0.003, "optimizer": "adam"}, metrics(val, test))
+    summary = s.finish()
+    return s, summary, capsys.readouterr().out
+
+
+def test_confirmation_that_reverses_the_search_recommends_the_confirmed_winner_everywhere(reversed_sweep):
+    s, summary, console = reversed_sweep
+    best = json.loads((s.out / "best_config.json").read_text())
+    assert best["trial_id"] == "t2" and best["selected_by"] == "confirmation" and best["search_trial"]["rank"] == 2
+    assert best["config"]["optimizer"] == "adam" and best["test/acc"] == pytest.approx(0.57)
+    assert json.loads((s.out / "summary.json").read_text())["best"]["trial_id"] == "t2"
+    assert list(summary["confirmation"]) == ["t2", "t1"]  # best mean val/acc first
+    parent = s.parent()
+    assert parent.data.tags["best.trial_id"] == "t2" and parent.data.tags["best.selected_by"] == "confirmation"
+    assert "Recommended: trial t2" in parent.data.tags[NOTE]
+    assert parent.data.metrics["best/test/acc"] == pytest.approx(0.57)
+    assert "recommended: t2, confirmed" in console and "confirmation reordered the search" in console
+    md = (s.out / "report.md").read_text()
+    assert "**Recommended configuration**: trial `t2`" in md
+    assert "Confirmation reordered the search" in md and "`t1`" in md
+    assert "report.html (open in a browser)" in console
+
+
+def test_every_accuracy_in_the_answer_carries_an_interval_and_a_judged_difference(reversed_sweep):
+    s, _, console = reversed_sweep
+    best = json.loads((s.out / "best_config.json").read_text())
+    lo, hi = best["test"]["ci95"]
+    assert lo < 0.57 < hi and best["test"]["n"] == 2
+    diff = best["runner_up"]["difference"]
+    assert best["runner_up"]["trial_id"] == "t1" and diff["diff"] == pytest.approx(0.07)
+    assert 0 < diff["p"] < 1 and ("larger than the noise" in diff["text"] or "within the noise" in diff["text"])
+    assert best["baseline"]["test"]["ci95"][0] < 0.41 < best["baseline"]["test"]["ci95"][1]  # Wilson, 1000 images
+    assert "95% CI" in console and "Welch p" in console
+    md = (s.out / "report.md").read_text()
+    headline = md.split("## Headline")[1].split("## Confirmation")[0]
+    assert "57.00% ± 1.41 (n=2 seeds; 95% CI" in headline
+    assert "41.00% (one run; 95% CI" in headline and "on 1,000 test images" in headline
+    conf = md.split("## Confirmation with fresh seeds")[1].split("##")[0]
+    rows = [x for x in conf.splitlines() if x.startswith("| `t")]
+    assert rows[0].startswith("| `t2` (recommended) | #2 |") and rows[1].startswith("| `t1` | #1 |")
+
+
+def test_the_documented_baseline_names_the_budget_that_differs(reversed_sweep):
+    s, _, console = reversed_sweep
+    best = json.loads((s.out / "best_config.json").read_text())
+    # 1 epoch on 8 training images per class (minus val) at 32 px, against 2 epochs on 50,000
+    assert best["documented"]["budget_differs"][0] == "1 epoch vs 2"
+    assert "training images vs 50,000" in best["documented"]["budget_differs"][1]
+    assert "another budget: 1 epoch vs 2" in console
+    md = (s.out / "report.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| documented"))
+    assert "**another budget**: 1 epoch vs 2" in row
+
+
+def test_a_constant_predictor_is_flagged_in_the_headline_and_its_run(tmp_path, capsys):
+    s = FakeSweep(tmp_path)
+    # Cat/Dog-like: every test image called one class; 50% is all it can score.
+    s.run("t1", {"role": "trial", "lr": 0.01, "optimizer": "sgd"}, metrics(0.5, 0.5, 130, 1.0, 0.5))
+    s.run("t2", {"role": "trial", "lr": 0.003, "optimizer": "adam"}, metrics(0.45, 0.48, 130, 0.9, 0.5))
+    s.finish()
+    console = capsys.readouterr().out
+    md = (s.out / "report.md").read_text()
+    assert "**Warning: constant predictor: it gives every test image the same class.**" in md
+    assert "**one unconfirmed run**" in md  # no confirmation runs
+    assert "warning: constant predictor" in console
+    c = MlflowClient(s.uri)
+    runs = {
+        r.data.tags["trial_id"]: r for r in c.search_runs([s.parent().info.experiment_id]) if "trial_id" in r.data.tags
+    }
+    assert "Warning: constant predictor" in runs["t1"].data.tags[NOTE]
+    assert "at chance" in runs["t2"].data.tags[NOTE]  # 48% of 130: its interval reaches the 50% majority
+    assert "Warning: constant predictor" in s.parent().data.tags[NOTE]
+
+
+def test_params_that_do_not_apply_to_the_optimizer_are_not_logged(reversed_sweep):
+    s, _, _ = reversed_sweep
+    c = MlflowClient(s.uri)
+    runs = {
+        r.data.tags["trial_id"]: r for r in c.search_runs([s.parent().info.experiment_id]) if "trial_id" in r.data.tags
+    }
+    assert "momentum" not in runs["t2"].data.params and "nesterov" not in runs["t2"].data.params  # adam
+    assert runs["t2"].data.params["amsgrad"] == "False"
+    assert "amsgrad" not in runs["t1"].data.params and runs["t1"].data.params["momentum"] == "0.9"  # sgd
+
+
+def test_answer_without_confirmation_is_the_best_search_trial_unconfirmed():
+    runs = [
+        Run("a", "trial", "completed", 0.6, 0.59, 1000),
+        Run("b", "trial", "completed", 0.7, 0.68, 1000),
+        Run("c", "trial", "early_stopped", 0.9, None),  # never ahead of a completed trial
+    ]
+    a = answer(runs)
+    assert a.trial.trial_id == "b" and a.confirmed is None and not a.reordered and a.search_rank == 1
+    assert a.test.kind == "binomial" and a.test.lo < 0.68 < a.test.hi
+
+
+def test_answer_ties_go_to_the_better_search_rank_and_failed_confirmations_fall_back():
+    runs = [
+        Run("a", "trial", "completed", 0.7, 0.7, 100),
+        Run("b", "trial", "completed", 0.6, 0.6, 100),
+        *(Run(f"ca{i}", "confirm", "completed", 0.5, 0.5, 100, confirm_of="a") for i in range(2)),
+        *(Run(f"cb{i}", "confirm", "completed", 0.5, 0.5, 100, confirm_of="b") for i in range(2)),
+    ]
+    assert answer(runs).trial.trial_id == "a"
+    failed = [*runs[:2], Run("ca0", "confirm", "error", None, None, confirm_of="a")]
+    a = answer(failed)
+    assert a.trial.trial_id == "a" and a.confirmed is None  # no confirmation completed: unconfirmed
+
+
+def test_the_logged_model_is_the_best_run_of_the_recommended_configuration():
+    runs = [
+        Run("a", "trial", "completed", 0.60, 0.6, 100),
+        Run("c1", "confirm", "completed", 0.62, 0.6, 100, confirm_of="a"),
+        Run("c2", "confirm", "completed", 0.58, 0.6, 100, confirm_of="a"),
+    ]
+    assert answer(runs).model.trial_id == "c1"
+
+
+def test_intervals_and_differences():
+    lo, hi = stats.wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert stats.wilson(1.0, 10)[1] == pytest.approx(1.0) and stats.wilson(1.0, 10)[0] < 1.0  # never a zero-width interval
+    e = stats.over_seeds([0.70, 0.72, 0.74])
+    assert e.mean == pytest.approx(0.72) and e.std == pytest.approx(0.02)
+    assert e.hi - e.mean == pytest.approx(4.303 * 0.02 / math.sqrt(3), rel=1e-3)  # t(0.975, 2)
+    assert math.isnan(stats.over_seeds([0.7]).lo)  # one seed: no interval
+    far = stats.difference(stats.over_seeds([0.80, 0.81, 0.82]), stats.over_seeds([0.60, 0.61, 0.62]))
+    near = stats.difference(stats.over_seeds([0.70, 0.75, 0.65]), stats.over_seeds([0.69, 0.74, 0.64]))
+    assert far.beyond_noise and far.p < 1e-3 and not near.beyond_noise and near.p > 0.5
+    assert not stats.difference(stats.over_seeds([0.7]), stats.one_run(0.6, None)).known
+
+
+def test_chance_is_judged_by_the_interval_against_the_majority_class():
+    assert chance_flag(stats.one_run(0.52, 130), [Run("x", "trial", "completed", 0.5, 0.52, 130, 0.5, 0.7)])
+    assert chance_flag(stats.one_run(0.80, 130), [Run("x", "trial", "completed", 0.8, 0.80, 130, 0.5, 0.6)]) is None
+    constant = chance_flag(stats.one_run(0.5, 130), [Run("x", "trial", "completed", 0.5, 0.5, 130, 0.5, 1.0)])
+    assert constant and constant.startswith("constant predictor")
