@@ -63,7 +63,8 @@ def _why(ans: Answer, runs: pd.DataFrame) -> str:
         c = ans.confirmed
         where = f"search #{ans.search_rank}" if ans.search_rank > 1 else "also the search's best"
         return (
-            f"the confirmed configuration with the highest mean val/acc over {c.val.n} fresh seeds ({where}; the "
+            f"the confirmed configuration with the highest mean val/acc over {c.val.n} fresh "
+            f"seed{'s' if c.val.n != 1 else ''} ({where}; the "
             "search trial itself is not counted, and the test set chose nothing)"
         )
     searched = an.visible(runs)

@@ -246,7 +246,7 @@ def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
     n_train = (splits.get("train") or {}).get("n")
     if ans.confirmed:
         c = ans.confirmed
-        how = f"confirmed: the highest mean val/acc over {c.val.n} fresh seeds"
+        how = f"confirmed: the highest mean val/acc over {c.val.n} fresh seed{'s' if c.val.n != 1 else ''}"
         how += f" (the search ranked it #{ans.search_rank})" if ans.search_rank > 1 else " (also the search's best)"
     else:
         how = "unconfirmed: the best search trial by val/acc, one run (--confirm 0, or no confirmation run completed)"

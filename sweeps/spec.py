@@ -338,7 +338,8 @@ def answer(runs: Sequence[Run]) -> Answer | None:
         done = tuple(r for r in mine if r.measured)
         if done:
             val = stats.over_seeds([_num(r.val) for r in done])
-            test = stats.over_seeds([_num(r.test) for r in done])
+            # one run: its binomial interval on the test set; several: the spread across seeds
+            test = stats.over_seeds([_num(r.test) for r in done]) if len(done) > 1 else done[0].test_estimate()
             confirmed.append((rank, Confirmed(trial, done, len(mine) - len(done), test, val)))
     confirmed.sort(key=lambda rc: (-rc[1].val.mean if finite(rc[1].val.mean) else math.inf, rc[0]))
     ranking = tuple(c for _, c in confirmed)

@@ -241,7 +241,9 @@ def smoke_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke_sweep")
     data = write_cifar_folders(tmp / "cifar", 16, 4)
     root = Path(__file__).resolve().parents[1]
-    args = ["--smoke-test", "--data-dir", data, "--no-download", "--name", "smoke", "--out", tmp / "out"]
+    # --num-samples and --subset beside --smoke-test: flags given are kept (tests/test_answer.py)
+    args = ["--smoke-test", "--num-samples", "3", "--subset", "120", "--data-dir", data, "--no-download"]
+    args += ["--name", "smoke", "--out", tmp / "out"]
     args += ["--storage-path", tmp / "ray_results", "--register-model", REGISTERED_MODEL]
     r = subprocess.run(
         [sys.executable, str(root / "sweeps" / "cifar10.py"), *map(str, args)],

@@ -220,7 +220,7 @@ def test_the_logged_model_is_the_best_run_of_the_recommended_configuration():
 def test_intervals_and_differences():
     lo, hi = stats.wilson(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert stats.wilson(1.0, 10)[1] == pytest.approx(1.0) and stats.wilson(1.0, 10)[0] < 1.0  # never a zero-width interval
+    assert stats.wilson(1.0, 10)[1] == pytest.approx(1.0) and stats.wilson(1.0, 10)[0] < 1.0  # never zero width
     e = stats.over_seeds([0.70, 0.72, 0.74])
     assert e.mean == pytest.approx(0.72) and e.std == pytest.approx(0.02)
     assert e.hi - e.mean == pytest.approx(4.303 * 0.02 / math.sqrt(3), rel=1e-3)  # t(0.975, 2)
@@ -236,3 +236,65 @@ def test_chance_is_judged_by_the_interval_against_the_majority_class():
     assert chance_flag(stats.one_run(0.80, 130), [Run("x", "trial", "completed", 0.8, 0.80, 130, 0.5, 0.6)]) is None
     constant = chance_flag(stats.one_run(0.5, 130), [Run("x", "trial", "completed", 0.5, 0.5, 130, 0.5, 1.0)])
     assert constant and constant.startswith("constant predictor")
+
+
+def test_smoke_test_sets_defaults_and_keeps_the_flags_given():
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import settings
+    from sweeps.flags import build_parser
+
+    def resolved(*argv: str):
+        return settings(SPEC, build_parser(SPEC).parse_args(["--smoke-test", *argv]))[0]
+
+    s = resolved()
+    assert (s.num_samples, s.max_epochs, s.base.subset, s.base.eval_subset, s.confirm, s.confirm_top) == (
+        2, 1, 256, 128, 1, 1)  # fmt: skip
+    s = resolved("--num-samples", "3", "--max-epochs", "2", "--subset", "500", "--confirm", "2")
+    assert (s.num_samples, s.max_epochs, s.base.epochs, s.base.subset, s.confirm) == (3, 2, 2, 500, 2)
+    assert s.baseline.subset == 500 and s.baseline.eval_subset == 128  # the baseline sees the same data
+
+
+@pytest.mark.parametrize(
+    ("samples", "seeds", "top"), [(4, 2, 1), (6, 2, 1), (8, 2, 1), (9, 3, 1), (20, 3, 2), (40, 3, 3)]
+)
+def test_confirmation_defaults_cost_about_a_third_of_the_search(samples, seeds, top):
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import settings
+    from sweeps.flags import build_parser
+
+    s = settings(SPEC, build_parser(SPEC).parse_args(["--num-samples", str(samples)]))[0]
+    assert (s.confirm, s.confirm_top) == (seeds, top)
+    assert s.confirm * s.confirm_top <= max(2, samples / 3)
+
+
+@pytest.mark.slow
+def test_the_smoke_sweep_ran_the_trials_asked_for(smoke_sweep):
+    c = MlflowClient(smoke_sweep.uri)
+    exp = c.get_experiment_by_name("cifar10")
+    roles = [r.data.tags.get("role") for r in c.search_runs([exp.experiment_id])]
+    assert roles.count("trial") == 3 and roles.count("baseline") == 1  # --num-samples 3 beside --smoke-test
+
+
+@pytest.mark.slow
+def test_the_reproduce_command_gives_the_recorded_accuracy(smoke_sweep):
+    import shlex
+    import subprocess
+    import sys
+
+    best = json.loads((smoke_sweep.tmp / "out" / "smoke" / "best_config.json").read_text())
+    command = best["command"]
+    assert "--subset 120" in command and "--eval-subset 128" in command and "--image-size 32" in command
+    assert best["config"]["subset"] == 120 and best["data"]["images"]["train"] == 120
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "cnnclf", "train"]
+    r = subprocess.run(
+        [sys.executable, *argv[1:], "--data-dir", str(smoke_sweep.data), "--no-download", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["data"]["digest"] == best["data"]["digest"]  # the same images
+    assert out["test/acc"] == pytest.approx(best["command_gives"]["test/acc"], abs=0.005)
+    assert out["val/acc"] == pytest.approx(best["command_gives"]["val/acc"], abs=0.005)

@@ -93,7 +93,7 @@ def test_trials_are_listed_under_their_sweep_with_their_hyperparameters(ui):
     names = [run_name(r) for r in page.rows]
     assert names[0] == "smoke" and sorted(names[1:]) == sorted(c.info.run_name for c in ui.children), names
     roles = sorted(c.data.tags["role"] for c in ui.children)
-    assert roles == ["baseline", "confirm", "trial", "trial"]
+    assert roles == ["baseline", "confirm", "trial", "trial", "trial"]  # --num-samples 3 beside --smoke-test
     sweep_row = rows["smoke"]
     for c in ui.children:
         row = rows[c.info.run_name]

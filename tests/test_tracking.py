@@ -49,8 +49,9 @@ def test_experiment_parent_and_trials_are_described(swept):
     parent = next(x for x in runs if x.data.tags.get("role") == "sweep")
     headline = parent.data.tags[NOTE]
     best = json.loads((tmp / "out" / "smoke" / "best_config.json").read_text())
-    assert f"Best: trial {best['trial_id']}" in headline and "vs the documented baseline (61.00%)" in headline
-    assert "vs the baseline re-measured here" in headline and "Confirmed with 1 fresh seeds" in headline
+    assert f"Recommended: trial {best['trial_id']}" in headline and "pts vs the documented 61%" in headline
+    assert "Versus the baseline re-measured here" in headline and "over 1 fresh seed " in headline
+    assert "Test accuracy " in headline and "95% CI" in headline and "The model logged here is " in headline
     for run in runs:
         tags = run.data.tags
         if tags["role"] == "sweep":
