@@ -160,8 +160,9 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
         blocks.append(
             Para(
                 f"This trains what search trial `{best['trial_id']}` trained, on the same data (subset, evaluation "
-                f"subset, image size and split seed included); that run gave {gave}. On the CPU a rerun lands "
-                "within about half a point of it; other hardware or thread counts round differently." + _model_line(s)
+                f"subset, image size and split seed included); that run gave {gave}."
+                + _threads_line(s)
+                + _model_line(s)
             )
         )
     if s.notes:
@@ -173,6 +174,17 @@ def _confirmed(runs: pd.DataFrame) -> str:
     """The recommended configuration's test/acc over its fresh seeds; – when it was not confirmed."""
     a = an.answer(runs)
     return a.confirmed.test.text() if a is not None and a.confirmed is not None else "–"
+
+
+def _threads_line(s: SweepData) -> str:
+    """How exact a rerun is: on the CPU, float sums depend on the thread count the trial had."""
+    threads = (s.best_config or {}).get("command_threads")
+    if not threads:
+        return " On other hardware a rerun rounds differently and lands near, not exactly on, that accuracy."
+    return (
+        f" It trained on the CPU with {threads} thread(s): with `OMP_NUM_THREADS={threads}` the command gives the "
+        "same accuracy to the image; with other thread counts, within about half a point."
+    )
 
 
 def _model_line(s: SweepData) -> str:

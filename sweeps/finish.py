@@ -266,6 +266,7 @@ def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
         "config": {k: v for k, v in trial.cfg.to_dict().items() if k != "tags"},
         "command": reproduce_command(trial.cfg),
         "command_gives": {"run": trial.trial_id, "test/acc": trial.test_acc, "val/acc": trial.val_acc},
+        "command_threads": _cpu_threads(trial),
         "model": {
             "run": model.trial_id,
             "source": model_source,
@@ -298,6 +299,13 @@ def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
     }
 
 
+def _cpu_threads(row: Row) -> int | None:
+    """The CPU threads a trial trained with, when it had no GPU: float sums on the CPU depend on the
+    thread count, so a rerun with another count lands near, not exactly on, its accuracy (docs/sweeps.md)."""
+    cpu, gpu = row.metrics.get("resources/cpu"), row.metrics.get("resources/gpu")
+    return max(1, int(cpu)) if finite(cpu) and not (finite(gpu) and gpu > 0) else None
+
+
 def _print_answer(ans: Answer, best: dict) -> None:
     """The answer on the console: the confirmations, then the recommended configuration and its evidence."""
     for c in ans.ranking:
@@ -324,7 +332,9 @@ def _print_answer(ans: Answer, best: dict) -> None:
         print(f"  vs the documented {doc['test/acc']:.0%}{budget}: {100 * (ans.test.mean - doc['test/acc']):+.2f} pts")
     given = best["command_gives"]["test/acc"]
     gives = f"{given:.2%}" if finite(given) else "-"
-    print(f"reproduce: {best['command']}\n  (its search trial {ans.trial.trial_id}; it gave test/acc {gives})")
+    print(f"reproduce: {best['command']}\n  (its search trial {ans.trial.trial_id}; it gave test/acc {gives}", end="")
+    threads = best["command_threads"]
+    print(f"; exactly with OMP_NUM_THREADS={threads}, its CPU threads)" if threads else ")")
     print(f"model: {best['model']['source']}")
 
 

@@ -90,3 +90,5 @@ def quiet_mlflow_http() -> None:
     # (7, with exponential backoff) would only hide an outage for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    # The logged model's input-example check downloads one artifact with a progress bar on the console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

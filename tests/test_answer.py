@@ -277,6 +277,7 @@ def test_the_smoke_sweep_ran_the_trials_asked_for(smoke_sweep):
 
 @pytest.mark.slow
 def test_the_reproduce_command_gives_the_recorded_accuracy(smoke_sweep):
+    import os
     import shlex
     import subprocess
     import sys
@@ -287,11 +288,13 @@ def test_the_reproduce_command_gives_the_recorded_accuracy(smoke_sweep):
     assert best["config"]["subset"] == 120 and best["data"]["images"]["train"] == 120
     argv = shlex.split(command)
     assert argv[:4] == ["python", "-m", "cnnclf", "train"]
+    assert best["command_threads"] == 1  # the trial's CPU threads (--cpus-per-trial 1): sums depend on them
     r = subprocess.run(
         [sys.executable, *argv[1:], "--data-dir", str(smoke_sweep.data), "--no-download", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
