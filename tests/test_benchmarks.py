@@ -24,15 +24,16 @@ def test_projection_assumes_what_the_sweeps_do():
     """benchmarks/gpu.py cannot import sweeps/ on the device (Ray); its copies must agree with them."""
     from sweeps.catdog import SPEC as CATDOG
     from sweeps.cifar10 import SPEC as CIFAR10
-    from sweeps.cli import build_parser
+    from sweeps.cli import build_parser, settings
 
     assert CIFAR10.base == CIFAR10_TRIAL and CATDOG.base == CATDOG_TRIAL
     for spec in (CIFAR10, CATDOG):
         sweep = SWEEPS[spec.task]
         assert sweep["max_t"] == spec.default_max_epochs and PRESETS[sweep["baseline"]] == spec.baseline
         args = build_parser(spec).parse_args([])
-        assert (args.confirm, args.confirm_top) == (CONFIRM["confirm"], CONFIRM["confirm_top"])
-        assert args.grace_period == ASHA["grace_period"] and args.num_samples == 40
+        s = settings(spec, args)[0]  # the confirmation's defaults scale with --num-samples: 40 is gpu.py's
+        assert (s.confirm, s.confirm_top) == (CONFIRM["confirm"], CONFIRM["confirm_top"])
+        assert args.grace_period == ASHA["grace_period"] and s.num_samples == 40
 
 
 @pytest.mark.slow
