@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cnnclf.args import Parser, UsageError, nonnegative_float, one_line, positive_float, positive_int
 from cnnclf.args import path as path_arg
+from cnnclf.args import seed as seed_arg
 from cnnclf.config import DEFAULT_PRESET, PRESETS, TASKS, ConfigError, TrainConfig, get_preset
 
 # cnnclf.data, cnnclf.train and torch are imported inside the commands: a mistyped flag is
@@ -55,8 +56,8 @@ def build_parser() -> Parser:
     t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
     t.add_argument("--subset", type=positive_int, help="train on this many training images")
     t.add_argument("--eval-subset", type=positive_int, help="cap val and test at this many images each")
-    t.add_argument("--seed", type=int, help="model initialization, batch order and augmentation")
-    t.add_argument("--split-seed", type=int, help="seed of the train/val/test split and subsets (default: --seed)")
+    t.add_argument("--seed", type=seed_arg, help="model initialization, batch order and augmentation")
+    t.add_argument("--split-seed", type=seed_arg, help="seed of the train/val/test split and subsets (default: --seed)")
     t.add_argument(
         "--compile",
         choices=["auto", "on", "off"],

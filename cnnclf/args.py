@@ -56,6 +56,16 @@ def nonnegative_float(s: str) -> float:
     return v
 
 
+MAX_SEED = 2**31 - 1  # torch, numpy and Python all take it; the data's seeded offsets stay below 2**32
+
+
+def seed(s: str) -> int:
+    v = int(s)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED}, got {s}")
+    return v
+
+
 def path(s: str) -> Path:
     if not s.strip():  # Path("") is the working directory: never what an empty value meant
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
@@ -66,3 +76,4 @@ positive_int.__name__ = "positive integer"  # argparse names the type in its mes
 positive_float.__name__ = "positive number"
 nonnegative_float.__name__ = "number"
 path.__name__ = "path"
+seed.__name__ = "seed"

@@ -24,8 +24,8 @@ MAX_DEPTH = 10
 
 
 # Sweep names become folder names (storage path, --out) and MLflow tags: letters, digits and `._-`,
-# not starting with `.` (no `..`, no hidden folders), short enough for every file system.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+# not starting with `.` (no `..`, no hidden folders) or `-` (a flag), short enough for every file system.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # not starting with `-`: it would read as a flag
 
 
 def name_error(name: str) -> str | None:
@@ -33,7 +33,9 @@ def name_error(name: str) -> str | None:
     if NAME_PATTERN.fullmatch(name):
         return None
     shown = name if len(name) <= 40 else name[:37] + "..."
-    return f"{shown!r} is not a valid name: letters, digits, '.', '_' and '-', not starting with '.', at most 100"
+    return (
+        f"{shown!r} is not a valid name: letters, digits, '.', '_' and '-', not starting with '.' or '-', at most 100"
+    )
 
 
 class ConfigError(ValueError):

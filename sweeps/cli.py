@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
+import os
 import shlex
 import socket
 import sys
@@ -21,7 +23,16 @@ from pathlib import Path
 
 from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store
-from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Settings, UsageError, run_sweep
+from sweeps.driver import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Settings,
+    UsageError,
+    resume_record,
+    run_sweep,
+)
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.journal import Journal, read_meta
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
@@ -37,6 +48,16 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
         print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # a disk that filled up or went read-only mid-sweep: one line, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"{spec.task} sweep: error: {e.strerror}{where}; free some space (or give another --out / --storage-path) "
+            "and resume with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def _main(spec: TaskSpec, argv: list[str]) -> int:
@@ -58,6 +79,7 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
         flush=True,
     )
+    s = claim(s, args)  # before the sweep writes anything: one driver per name, and a resume is the same sweep
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
     return run_sweep(s, data)
@@ -109,7 +131,11 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
     load["seed"] = base.data_seed
     v |= {"base": base, "baseline": baseline, "ranges": ranges, "fixed": fixed, "faults": faults}
     v["trial_settings"] = settings_of(base, fixed, ranges, load)
-    return _build(spec, v), load
+    s = _build(spec, v)
+    journal_dir = v["out"] / v["name"] / "journal"
+    if s.resume and (journal_dir / "ops.jsonl").exists():  # early, before the data is read; again under the lock
+        s = same_sweep(s, args, read_meta(journal_dir))
+    return s, load
 
 
 def _build(spec: TaskSpec, v: dict) -> Settings:
@@ -146,30 +172,155 @@ def _check_fit(base: TrainConfig, baseline: TrainConfig, args: argparse.Namespac
 
 
 def _check_places(v: dict) -> None:
-    """The storage path, --out, the tracking store and the sweep's name, before anything is written."""
-    from sweeps.resume import can_restore
-
-    name, storage, out = v["name"], v["storage"], v["out"]
+    """The storage path, --out, the tracking store and the warm-start sources, before anything is written
+    (the sweep's name is checked by `claim`, under its lock)."""
+    storage, out = v["storage"], v["out"]
     if "://" not in storage and Path(storage).exists() and not Path(storage).is_dir():
         raise UsageError(f"argument --storage-path: {storage} is a file, not a folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"argument --out: {out} is a file, not a folder")
     tracking("check", v["tracking_uri"])
-    journal_dir = out / name / "journal"
-    path = f"{storage.rstrip('/')}/{name}"
-    if v["resume"] and not (can_restore(path) or (journal_dir / "ops.jsonl").exists()):
-        raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
-    if v["resume"] and (journal_dir / "ops.jsonl").exists():
-        ran = sum(read_meta(journal_dir).get("phases") or [0])
+    name, journal_dir = v["name"], out / v["name"] / "journal"
+    if (holder := lock_holder(out / name / "driver.lock")) is not None:
+        raise UsageError(f"argument --name: sweep {name!r} is being run by another process (pid {holder}); wait for it")
+    if v["resume"]:
+        from sweeps.resume import can_restore
+
+        if not (can_restore(f"{storage.rstrip('/')}/{name}") or (journal_dir / "ops.jsonl").exists()):
+            raise UsageError(f"argument --resume: no sweep named {name!r} under {storage}")
+        ran = sum(read_meta(journal_dir).get("phases") or [0]) if (journal_dir / "ops.jsonl").exists() else 0
         if v["num_samples"] < ran:
             raise UsageError(
                 f"argument --num-samples: sweep {name!r} has {ran} search trials; a resumed sweep keeps them "
                 f"all (give {ran}, or more to extend it)"
             )
-    _check_sources(v)
-    exists = ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists()
-    if not v["resume"] and exists:
+    elif ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists():  # again under the lock
         raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
+    for flag, folder in (("--out", out), ("--storage-path", None if "://" in storage else Path(storage))):
+        if folder is not None:
+            writable_folder(folder, flag)
+    _check_sources(v)
+
+
+def writable_folder(folder: Path, flag: str, need_mb: int = 200) -> None:
+    """A folder the sweep can write to, with room for its checkpoints and files; exit 2 naming the flag if not
+    (a full or read-only disk found mid-sweep would cost the trials already trained)."""
+    import shutil
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"argument {flag}: {existing} is a file, not a folder")
+    import tempfile
+
+    try:  # a real write: os.access says yes to root on a read-only mount
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"argument {flag}: {existing} is not writable ({e.strerror or e})") from None
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    if free_mb < need_mb:
+        raise UsageError(
+            f"argument {flag}: only {free_mb:.0f} MB free on {existing}; a sweep needs {need_mb} MB or more"
+        )
+
+
+def claim(s: Settings, args: argparse.Namespace) -> Settings:
+    """Take the sweep's name for this process, then check it: a new sweep's name is free; a resumed sweep exists
+    and is the sweep it was (the flags that shape its results are those it ran with; only --num-samples may grow).
+
+    The lock (`<out>/<name>/driver.lock`, flock) is held until the process exits, so a second driver with the
+    same name stops here, before it writes anything of the sweep. Returns the Settings to run (a resume keeps
+    its recorded confirmation defaults)."""
+    name, storage, out = s.name, s.storage, s.out
+    fd = hold_lock(out / name / "driver.lock", name)
+    journal_dir = out / name / "journal"
+    exists = ("://" not in storage and (Path(storage) / name).exists()) or journal_dir.exists()
+    try:
+        if not s.resume:
+            if exists:
+                raise UsageError(f"argument --name: a sweep named {name!r} already exists; add --resume to continue it")
+            return s
+        meta = read_meta(journal_dir) if (journal_dir / "ops.jsonl").exists() else {}
+        return same_sweep(s, args, meta)
+    except UsageError:
+        _HELD.remove(fd)
+        os.close(fd)  # refused: the name is free again
+        raise
+
+
+def same_sweep(s: Settings, args: argparse.Namespace, meta: dict) -> Settings:
+    """The resumed sweep's Settings, or UsageError naming every flag that differs from what it ran with."""
+    was = meta.get("settings") or {k: meta[k] for k in ("task", "experiment", "tracking_uri") if k in meta}
+    if not was:
+        return s
+    if args.confirm is None and args.confirm_top is None and "confirm" in was:  # defaults: keep the sweep's
+        s = dataclasses.replace(s, confirm=was["confirm"], confirm_top=was["confirm_top"])
+    now = resume_record(s)
+    differ = []
+    for key, old in was.items():
+        new = now.get(key)
+        if new == old:
+            continue
+        if key == "trial":
+            parts = [k for k in old if old.get(k) != new.get(k)]
+            fields = [f for f in (old.get("train") or {}) if (old.get("train") or {}).get(f) != new["train"].get(f)]
+            what = ", ".join(fields or parts)
+            differ.append(f"--fix/--subset/--smoke-test (the trials' settings: {what})")
+        elif key == "task":
+            differ.append(f"the script (sweep {s.name!r} is a {old} sweep, not {new})")
+        else:
+            differ.append(f"--{key.replace('_', '-')} {_shown(new)} (it ran with {_shown(old)})")
+    if differ:
+        raise UsageError(
+            f"argument --resume: sweep {s.name!r} ran with other settings; these differ: {'; '.join(differ)}. "
+            "Resume with the flags it ran with (its parent run's `command` tag); only --num-samples may grow"
+        )
+    return s
+
+
+def _shown(v: object) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def lock_holder(path: Path) -> str | None:
+    """The pid written in a sweep's lock when another process holds it; None when it is free (or absent)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # a shared lock taken only to look is released with it
+
+
+def hold_lock(path: Path, name: str) -> int:
+    """An exclusive flock on `path`, kept for the life of this process; UsageError when another process has it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(
+            f"argument --name: sweep {name!r} is being run by another process (pid {holder}); wait for it, or "
+            "give another --name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD.append(fd)  # not closed: the OS releases the lock when the process ends, however it ends
+    return fd
+
+
+_HELD: list[int] = []
 
 
 def _check_sources(v: dict) -> None:
@@ -229,6 +380,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     folder = args.out / args.name / "journal"
     if not (folder / "ops.jsonl").exists():
         raise UsageError(f"argument --name: no journal of a sweep {args.name!r} under {args.out}")
+    hold_lock(args.out / args.name / "driver.lock", args.name)  # not while the sweep itself still writes
     meta = read_meta(folder)
     uri = args.tracking_uri or meta.get("tracking_uri") or store.DEFAULT_URI
     tracking("check", uri)

@@ -12,6 +12,7 @@ driver ever touches the tracking store.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -119,6 +120,28 @@ class Sweep:
         return EXIT_INTERRUPTED
 
 
+def resume_record(s: Settings) -> dict:
+    """What a resumed sweep must share with the sweep it continues (sweeps/cli.py `same_sweep`): the flags that
+    shape its results, as plain JSON. Kept in the journal's meta at the sweep's start."""
+    record = {
+        "task": s.spec.task,
+        "experiment": s.experiment,
+        "tracking_uri": s.tracking_uri,
+        "seed": s.seed,
+        "max_epochs": s.max_epochs,
+        "scheduler": s.scheduler,
+        "grace_period": s.grace_period,
+        "budget_by": s.budget_by,
+        "max_trial_minutes": s.max_trial_minutes,
+        "confirm": s.confirm,
+        "confirm_top": s.confirm_top,
+        "no_baseline": not s.with_baseline,
+        "warm_start": list(s.warm_start),
+        "trial": s.trial_settings,
+    }
+    return json.loads(json.dumps(record))
+
+
 def run_sweep(s: Settings, data) -> int:
     import ray
 
@@ -127,6 +150,7 @@ def run_sweep(s: Settings, data) -> int:
         priors = _priors(s)
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
+            meta["settings"] = resume_record(s)
             meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
             if priors is not None:
                 path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")

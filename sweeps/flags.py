@@ -10,12 +10,13 @@ import os
 import re
 from pathlib import Path
 
-from cnnclf.args import Parser, UsageError
+from cnnclf.args import Parser, UsageError, seed
 from cnnclf.config import name_error
 from sweeps import store
 from sweeps.spec import TaskSpec
 
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 40, 2
+MAX_WAIT_S = 7 * 24 * 3600  # --mlflow-wait: a week; "forever" is --sync later, not a process that never ends
 
 
 def confirm_defaults(num_samples: int, seeds: int | None, top: int | None) -> tuple[int, int]:
@@ -88,7 +89,7 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
         help="how many top configs --confirm retrains (default: as many as keep the confirmation runs within about "
         "a third of --num-samples, 1 to 3)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--smoke-test",
         action="store_true",
@@ -163,6 +164,17 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("max_epochs", "max_concurrent"):
         need(getattr(args, flag) is None or getattr(args, flag) >= 1, "--" + flag.replace("_", "-"), "expected >= 1")
     need(args.cpus_per_trial > 0 and math.isfinite(args.cpus_per_trial), "--cpus-per-trial", "expected > 0")
+    cores = os.cpu_count() or 1
+    need(
+        args.address is not None or args.cpus_per_trial <= cores,  # a cluster's is checked once Ray has joined it
+        "--cpus-per-trial",
+        f"{args.cpus_per_trial:g} is more than this machine's {cores} CPUs: no trial could ever start",
+    )
+    need(
+        math.isfinite(args.mlflow_wait) and args.mlflow_wait <= MAX_WAIT_S,
+        "--mlflow-wait",
+        f"expected 0 to {MAX_WAIT_S}",
+    )
     gpus = args.gpus_per_trial
     need(gpus is None or (gpus >= 0 and math.isfinite(gpus)), "--gpus-per-trial", "expected a number >= 0")
     need(args.subset is None or args.subset >= 2, "--subset", "expected >= 2")

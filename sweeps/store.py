@@ -87,11 +87,32 @@ def check(uri: str, *, write: bool) -> None:
                     raise OSError(f"HTTP {r.status}")
         except (urllib.error.URLError, OSError) as e:
             raise StoreError(f"cannot reach {uri} ({getattr(e, 'reason', e)})") from None
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_driver(uri)
     elif uri.startswith(("file:", "/", "./")) or (not scheme and uri != "databricks"):
         path = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser()
-        if not write and not path.is_dir():
+        if write:
+            # A file store keeps each metric in a file named by its key: `test/acc/airplane` is a folder
+            # there, and the sweep would fail at its first trial's end, after training.
+            raise StoreError(
+                f"{uri!r} is a file store (or a path without a scheme), which cannot hold metric names with a "
+                "slash such as test/acc/<class>; use a SQLite database (sqlite:///mlflow.db) or an http:// server"
+            )
+        if not path.is_dir():
             raise StoreError(f"no MLflow file store at {path}")
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+
+
+def _check_driver(uri: str) -> None:
+    """A database URI whose Python driver is installed (SQLAlchemy loads it only at the first write)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        raise StoreError(f"{uri.split('://', 1)[0]}: its database driver is not installed ({e.name or e})") from None
+    except Exception as e:  # a malformed URL
+        raise StoreError(f"{uri!r} is not a database URI SQLAlchemy can use ({type(e).__name__}: {e})") from None
 
 
 def _check_sqlite(db: Path, write: bool) -> None:

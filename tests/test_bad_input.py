@@ -133,6 +133,9 @@ CASES = [
     ("cnnclf", f"{TRAIN} --image-size 4096", "--image-size"),
     ("cnnclf", f"{TRAIN} --model tutorial --image-size 64", "--image-size"),
     ("cnnclf", f"{TRAIN} --seed one", "--seed"),
+    ("cnnclf", f"{TRAIN} --seed -1", "--seed"),  # a traceback, exit 1, before seeds were checked
+    ("cnnclf", f"{TRAIN} --seed {2**70}", "--seed"),
+    ("cnnclf", f"{TRAIN} --split-seed -1", "--split-seed"),
     ("cnnclf", f"{TRAIN} --model resnet", "--model"),
     ("cnnclf", f"{TRAIN} --optimizer lbfgs", "--optimizer"),
     ("cnnclf", f"{TRAIN} --optimizer sgd --amsgrad", "--amsgrad"),
@@ -204,6 +207,12 @@ CASES = [
     ("cifar10", f"{CIFAR_SWEEP} --scheduler pbt", "--scheduler"),
     ("cifar10", f"{CIFAR_SWEEP} --subset 1", "--subset"),
     ("cifar10", f"{CIFAR_SWEEP} --seed x", "--seed"),
+    ("cifar10", f"{CIFAR_SWEEP} --seed -1", "--seed"),
+    ("cifar10", f"{CIFAR_SWEEP} --seed {2**70}", "--seed"),
+    ("cifar10", f"{CIFAR_SWEEP} --cpus-per-trial 4096", "--cpus-per-trial"),  # no trial could start: a hang
+    ("cifar10", f"{CIFAR_SWEEP} --cpus-per-trial 1e9", "--cpus-per-trial"),  # libgomp ran out of memory
+    ("cifar10", f"{CIFAR_SWEEP} --mlflow-wait inf", "--mlflow-wait"),  # never ended with the server gone
+    ("cifar10", f"{CIFAR_SWEEP} --name=-x", "--name"),  # the printed resume command then failed
     ("cifar10", f"{CIFAR_SWEEP} --fix lr=nan", "--fix"),
     ("cifar10", f"{CIFAR_SWEEP} --fix lr=inf", "--fix"),
     ("cifar10", f"{CIFAR_SWEEP} --fix lr=-1", "--fix"),
@@ -250,6 +259,10 @@ CASES = [
 SWEEP_CASES = [
     ("cifar10", f"{CIFAR_SWEEP} --fix warmup_epochs=inf", "--fix"),
     ("cifar10", f"{CIFAR_SWEEP} --tracking-uri foo://bar", "--tracking-uri"),
+    # stores that cannot work passed the check, and the sweep failed after training
+    ("cifar10", f"{CIFAR_SWEEP} --tracking-uri file:{{DIR}}/mlruns", "--tracking-uri"),  # test/acc/<class>
+    ("cifar10", f"{CIFAR_SWEEP} --tracking-uri mlruns", "--tracking-uri"),  # no scheme: a file store
+    ("cifar10", f"{CIFAR_SWEEP} --tracking-uri postgresql://u@127.0.0.1:9/db", "--tracking-uri"),  # no driver
     ("cifar10", f"{CIFAR_SWEEP} --tracking-uri sqlite:///{{FILE}}", "--tracking-uri"),
     ("cifar10", f"{CIFAR_SWEEP} --tracking-uri sqlite:///{{OTHERDB}}", "--tracking-uri"),
     ("cifar10", f"{CIFAR_SWEEP} --experiment {{EMPTY}}", "--experiment"),
