@@ -4,9 +4,11 @@
     python -m reports --experiment cifar10 --sweep all        # every cifar10 sweep, side by side
     python -m reports --sweep cifar10-20250101-120000 --out /tmp/reports
 
-One sweep goes to OUT/<sweep>/, several sweeps of one experiment to OUT/<experiment>-compare/.
-Exit codes: 0 written; 2 unknown or empty experiment, unknown sweep, unreachable tracking store or
-bad arguments (one line on stderr, and nothing written: not to --out, not to the store); 1 anything else.
+One sweep goes to OUT/<sweep>/, several sweeps of one experiment to OUT/<experiment>-compare/. A sweep
+name read back from the store is checked as --sweep is: one that is a path (`../x`) is left out, with a
+warning line naming it. Exit codes: 0 written; 2 unknown or empty experiment, unknown sweep, unreachable
+tracking store or bad arguments (one line on stderr, and nothing written: not to --out, not to the store);
+1 anything else.
 """
 
 from __future__ import annotations
@@ -81,19 +83,26 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as e:  # an unknown scheme, a database MLflow cannot open: unusable input, not a bug
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ReportError(f"--tracking-uri: cannot open {uri}: {first.strip()}") from None
-    known = {}
+    known, refused = {}, []
     for exp in experiments:
         if experiment_id(c, exp, uri) is None:
             if explicit:
                 raise ReportError(f"--experiment: no experiment {exp!r} in {uri}")
             continue
-        sweeps = list_sweeps(uri, exp)
+        bad: list[tuple[str, str]] = []  # names from the store that are not sweep names (paths): never reported
+        sweeps = list_sweeps(uri, exp, bad)
+        refused += [(exp, name, why) for name, why in bad]
         if sweeps.empty:
-            if explicit:
+            if explicit and not bad:
                 raise ReportError(f"--experiment: experiment {exp!r} has no sweeps")
-            print(f"reports: experiment {exp!r} has no sweeps; skipped", file=sys.stderr)
+            if not bad:
+                print(f"reports: experiment {exp!r} has no sweeps; skipped", file=sys.stderr)
             continue
         known[exp] = sweeps
+    if not known and refused:
+        exp, _, why = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ReportError(f"--sweep: experiment {exp!r} has no sweep a report can be written for: {why}{more}")
     if not known:
         raise ReportError(f"--experiment: no sweeps in experiment {' or '.join(map(repr, experiments))} in {uri}")
     every_sweep = bool(args.sweep) and "all" in args.sweep
@@ -116,6 +125,8 @@ def _main(args: argparse.Namespace) -> int:
         if why := name_error(folder):  # a name from the store (an old sweep, another tool) never leaves --out
             raise ReportError(f"--sweep: cannot write a report folder for it: {why}")
         todo.append((exp, names, args.out / folder))
+    for exp, _, why in [] if named else refused:  # the newest or every sweep was asked for: say what was left out
+        print(f"reports: warning: skipped a sweep of experiment {exp!r}: {why}", file=sys.stderr)
     if uri.startswith("sqlite:///"):
         for where in missing_artifacts(uri):  # a moved store: its runs would list no artifacts, silently
             print(f"reports: warning: the artifact folder of experiment {where} is missing", file=sys.stderr)

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cnnclf.args import UsageError, described
+from cnnclf.config import name_error
 from sweeps import spec, store
 from sweeps.spec import ADAM_ONLY, METRIC_PREFIXES, SGD_ONLY, SWEEP_PARAM_PREFIX
 
@@ -38,6 +40,13 @@ OLD_METRICS = {"lr": "train/lr"}
 DROPPED_METRICS = ("diverged", "epoch")
 SAMPLE_ARRAYS = ("images", "labels", "preds", "probs", "classes")
 WARM_START_TAG = "warm_start.sources"  # on the parent run of a sweep run with --warm-start: the sources, comma-joined
+# What a report reads from the store is bounded before it is read: anyone who can write the store's artifacts
+# could otherwise make `python -m reports` decompress gigabytes or recurse until it fails (docs/security.md).
+MAX_JSON_BYTES = 16 * 2**20  # best_config.json, warm_start.json, eval/confusion.json
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects; the sweeps write at most 5
+MAX_SAMPLES = 256  # images in eval/samples.npz (the sweeps write 32)
+MAX_SAMPLE_SIDE = 512  # pixels per side (TrainConfig's largest image_size): 256 x 3 x 512 x 512 uint8 = 192 MiB
+MAX_CLASSES, MAX_CLASS_CHARS = 1000, 200
 
 
 class ReportError(UsageError):
@@ -103,8 +112,12 @@ def _search(c, exp_id: str, filter_string: str) -> list:
             return runs
 
 
-def list_sweeps(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """The experiment's sweeps (parent runs), oldest first: columns sweep, run_id, start, end, status."""
+def list_sweeps(tracking_uri: str, experiment: str, refused: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """The experiment's sweeps (parent runs), oldest first: columns sweep, run_id, start, end, status.
+
+    A sweep name read back from the store is checked as `--name` is (`cnnclf.config.name_error`): the
+    report writes files named after it, so a name that is a path (`../x`, written by an older version or
+    another tool) is left out; (name, why) of each goes to `refused`."""
     c = client(tracking_uri)
     exp_id = experiment_id(c, experiment, tracking_uri)
     if exp_id is None:
@@ -119,6 +132,10 @@ def list_sweeps(tracking_uri: str, experiment: str) -> pd.DataFrame:
         }
         for r in _search(c, exp_id, "tags.role = 'sweep'")
     ]
+    bad = {r["sweep"]: why for r in rows if (why := name_error(r["sweep"] if isinstance(r["sweep"], str) else ""))}
+    if refused is not None:
+        refused += [(str(n), why) for n, why in bad.items()]
+    rows = [r for r in rows if r["sweep"] not in bad]
     df = pd.DataFrame(rows, columns=["sweep", "run_id", "start", "end", "status"])
     # A resumed sweep reuses its parent run, so one row per name; keep the newest if names repeat.
     return df.sort_values("start").drop_duplicates("sweep", keep="last").reset_index(drop=True)
@@ -306,20 +323,23 @@ def _load_artifacts(c, data: SweepData) -> None:
 
         if p := fetch("best_config.json", top):
             try:
-                data.best_config = json.loads(p.read_text())
+                best = read_json(p)
+                if not isinstance(best, dict):
+                    raise ValueError(f"a JSON object expected, not {type(best).__name__}")
+                data.best_config = best
             except (OSError, ValueError) as e:
                 data.notes.append(f"`best_config.json` is unreadable ({described(e)})")
         sources = data.parent["tags"].get(WARM_START_TAG)
         if p := fetch("warm_start.json", top):
             try:
-                data.warm_start = _warm_start(json.loads(p.read_text()))
+                data.warm_start = _warm_start(read_json(p))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 data.notes.append(f"`warm_start.json` is unreadable ({described(e)})")
         elif sources and "warm_start.json" not in top:
             data.notes.append(f"`warm_start.json` is missing: the sweep was warm-started from {sources}")
         if p := fetch("eval/confusion.json", evals):
             try:
-                conf = json.loads(p.read_text())
+                conf = read_json(p)
                 matrix = np.asarray(conf["matrix"], dtype=np.int64)
                 if matrix.shape != (len(conf["classes"]),) * 2:
                     raise ValueError(f"matrix {matrix.shape} for {len(conf['classes'])} classes")
@@ -328,14 +348,71 @@ def _load_artifacts(c, data: SweepData) -> None:
                 data.notes.append(f"`eval/confusion.json` is unreadable ({described(e)})")
         if p := fetch("eval/samples.npz", evals):
             try:
+                check_samples(p)  # from the headers, before anything is decompressed
                 with np.load(p, allow_pickle=False) as z:  # no pickles from a store others write to
-                    samples = {k: z[k] for k in SAMPLE_ARRAYS}
-                n = len(samples["labels"])
-                if samples["images"].ndim != 4 or samples["images"].shape[:2] != (n, 3):
-                    raise ValueError(f"images {samples['images'].shape}, expected ({n}, 3, S, S)")
-                data.samples = samples
-            except (OSError, ValueError, KeyError) as e:
+                    data.samples = {k: z[k] for k in SAMPLE_ARRAYS}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 data.notes.append(f"`eval/samples.npz` is unreadable ({described(e)})")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file from the store, bounded: at most MAX_JSON_BYTES and MAX_JSON_DEPTH levels of nesting.
+    ValueError (one line) otherwise; never RecursionError, however deep the file nests."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{size / 2**20:.0f} MiB, more than the {MAX_JSON_BYTES // 2**20} MiB a report reads")
+    try:
+        doc = json.loads(path.read_bytes())
+    except RecursionError:  # json's decoder stops at the interpreter's recursion limit, cleanly
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    todo = [(doc, 1)]  # depth-first, without recursion
+    while todo:
+        x, depth = todo.pop()
+        if isinstance(x, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            todo += [(v, depth + 1) for v in (x.values() if isinstance(x, dict) else x)]
+    return doc
+
+
+def check_samples(path: Path) -> None:
+    """eval/samples.npz checked from its arrays' .npy headers, read through zipfile: ValueError (one line)
+    unless it holds SAMPLE_ARRAYS of n <= MAX_SAMPLES images (n, 3, S, S) uint8 with S <= MAX_SAMPLE_SIDE,
+    integer labels and preds (n,), float probs (n,) and at most MAX_CLASSES class names. A header is a few
+    hundred bytes at the start of its member, so a member that would decompress to gigabytes is refused
+    after reading those bytes; np.load then reads exactly what the headers say."""
+    fmt = np.lib.format
+    headers: dict[str, list[tuple[tuple[int, ...], np.dtype]]] = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key not in SAMPLE_ARRAYS:
+                continue  # never read
+            with zf.open(info) as f:
+                version = fmt.read_magic(f)  # ValueError for a member that is not .npy (np.load returns its bytes)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{info.filename}: .npy format {version[0]}.{version[1]} is not read")
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read(f)
+            headers.setdefault(key, []).append((tuple(shape), dtype))  # a name stored twice: both checked
+    missing = [k for k in SAMPLE_ARRAYS if k not in headers]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} array")
+    images = headers["images"]
+    n = images[0][0][0] if images[0][0] else -1
+    limit = f"at most {MAX_SAMPLES} images (n, 3, S, S) uint8 with S <= {MAX_SAMPLE_SIDE}"
+    for shape, dtype in images:
+        ok = len(shape) == 4 and shape[:2] == (n, 3) and shape[2] == shape[3] and dtype == np.uint8
+        if not (ok and 0 <= n <= MAX_SAMPLES and 1 <= shape[2] <= MAX_SAMPLE_SIDE):
+            raise ValueError(f"images {shape} {dtype}: {limit}")
+    kinds = {"labels": "iu", "preds": "iu", "probs": "f"}
+    for key, kind in kinds.items():
+        for shape, dtype in headers[key]:
+            if shape != (n,) or dtype.kind not in kind or dtype.itemsize > 8:
+                raise ValueError(f"{key} {shape} {dtype}: expected {n} {'integers' if kind == 'iu' else 'floats'}")
+    for shape, dtype in headers["classes"]:
+        if len(shape) != 1 or shape[0] > MAX_CLASSES or dtype.kind not in "US" or dtype.itemsize > 4 * MAX_CLASS_CHARS:
+            raise ValueError(f"classes {shape} {dtype}: expected at most {MAX_CLASSES} names")
 
 
 def _warm_start(doc: dict) -> dict:

@@ -3,6 +3,10 @@
 The HTML embeds every image as a base64 data URI and needs no network. A small inline script
 records, once the page has loaded, how many images decoded (`data-images-loaded="ok/total"` on
 <body>), so a headless browser can check the page without screenshots.
+
+Blocks carry names, tags and params read back from the tracking store, which others may write: both
+outputs escape them. HTML escapes every text (`_inline`); Markdown keeps the report's own `code` and
+**bold** and makes the rest inert (`md_inline`): one line per block, no raw HTML, no links.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,23 +60,77 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
     out: list[str] = []
     for b in blocks:
         if isinstance(b, Heading):
-            out.append("#" * b.level + " " + b.text)
+            out.append("#" * b.level + " " + md_inline(b.text))
         elif isinstance(b, Para):
-            out.append(b.text)
+            out.append(md_inline(b.text))
         elif isinstance(b, Bullets):
-            out.append("\n".join("- " + item for item in b.items))
+            out.append("\n".join("- " + md_inline(item) for item in b.items))
         elif isinstance(b, Table):
 
             def row(cells: list[str]) -> str:
-                return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+                # Every | escaped by exactly one backslash, so cells split where they seem to (GFM tables).
+                return "| " + " | ".join(re.sub(r"\\*\|", r"\\|", md_inline(str(c))) for c in cells) + " |"
 
             rule = ["---:" if i in b.right else "---" for i in range(len(b.header))]
             out.append("\n".join([row(b.header), "| " + " | ".join(rule) + " |", *(row(r) for r in b.rows)]))
         elif isinstance(b, Image):
-            out.append(f"![{b.alt}]({b.path.relative_to(out_dir).as_posix()})")
+            alt = md_inline(b.alt).replace("[", "\\[").replace("]", "\\]")
+            out.append(f"![{alt}]({b.path.relative_to(out_dir).as_posix()})")
         elif isinstance(b, Code):
-            out.append("```\n" + b.text + "\n```")
+            fence = "`" * max(3, 1 + max((len(r) for r in re.findall("`+", b.text)), default=0))  # never closed early
+            out.append(f"{fence}\n{b.text}\n{fence}")
     return "\n\n".join(out) + "\n"
+
+
+_PUNCTUATION = frozenset(string.punctuation)  # what a backslash escapes in Markdown (CommonMark, ASCII only)
+
+
+def md_inline(text: str) -> str:
+    """`text` as one line of Markdown that renders as written, its `code` spans and **bold** aside.
+
+    Outside code spans (found as CommonMark finds them: a run of n backticks up to the next run of exactly
+    n, backslash escapes honoured), a `<` that could open an HTML tag, comment or autolink becomes `&lt;`,
+    and `](` loses its link meaning. Inside a code span nothing is interpreted, so it stays as it is. Line
+    breaks become spaces: no value from the store starts a heading, a list, an HTML block or a new row.
+    """
+    text = re.sub(r"\r\n|\r|\n", " ", str(text))
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n and text[i + 1] in _PUNCTUATION:
+            out.append(text[i : i + 2])
+            i += 2
+        elif ch == "`":
+            j = i
+            while j < n and text[j] == "`":
+                j += 1
+            end = _closing_backticks(text, j, j - i)
+            out.append(text[i:j] if end is None else text[i:end])  # an unmatched run is literal backticks
+            i = j if end is None else end
+        elif ch == "<" and i + 1 < n and (text[i + 1].isalpha() or text[i + 1] in "/!?"):
+            out.append("&lt;")
+            i += 1
+        elif ch == "]" and i + 1 < n and text[i + 1] == "(":
+            out.append("]\\(")
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _closing_backticks(text: str, start: int, run: int) -> int | None:
+    """The end of the first run of exactly `run` backticks at or after `start` (None when there is none)."""
+    k = text.find("`", start)
+    while k != -1:
+        m = k
+        while m < len(text) and text[m] == "`":
+            m += 1
+        if m - k == run:
+            return m
+        k = text.find("`", m)
+    return None
 
 
 def _inline(text: str) -> str:

@@ -263,4 +263,21 @@ def _trials_frame(s: SweepData) -> pd.DataFrame:
     cols = [c for c in head + params + tail + metrics if c in runs]
     cols += [c for c in runs if c not in cols and c not in an.NOT_HYPERPARAMS]
     order = runs["rank"].fillna(10**9).astype(float)
-    return runs.assign(_order=order).sort_values(["_order", "start"], kind="stable")[cols]
+    frame = runs.assign(_order=order).sort_values(["_order", "start"], kind="stable")[cols]
+    text = [c for c in frame if pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])]
+    return frame.assign(**{c: frame[c].map(csv_cell) for c in text}).rename(columns=csv_cell)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula (OWASP)
+
+
+def csv_cell(v: object) -> object:
+    """A text cell that a spreadsheet would run as a formula, made text with a leading `'`. Tags, params and
+    names come from a store others may write; numbers (and text that is a number, such as "-1e-3") stay."""
+    if not isinstance(v, str) or not v.startswith(FORMULA_START):
+        return v
+    try:
+        float(v)
+        return v
+    except ValueError:
+        return "'" + v

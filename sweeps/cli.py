@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from cnnclf.config import ConfigError, TrainConfig
-from sweeps import store
+from sweeps import store, warmstart
 from sweeps.driver import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -48,8 +48,9 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
         print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:  # a disk that filled up or went read-only mid-sweep: one line, not a traceback
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    except Exception as error:  # a disk that filled up or went read-only mid-sweep: one line, not a traceback
+        e = disk_error(error)  # Tune wraps what its callbacks raise into a TuneError
+        if e is None:
             raise
         where = f" writing {e.filename}" if e.filename else ""
         print(
@@ -58,6 +59,16 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+
+
+def disk_error(e: BaseException | None) -> OSError | None:
+    """The full or read-only disk behind an exception, following its causes; None when there is none."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _main(spec: TaskSpec, argv: list[str]) -> int:
@@ -332,6 +343,7 @@ def _check_sources(v: dict) -> None:
             raise UsageError(f"argument --warm-start: {source!r} is this sweep; name earlier sweeps")
         if not study_path(v["out"], source).is_file():
             raise UsageError(f"argument --warm-start: no sweep {source!r} with an Optuna study under {v['out']}")
+        warmstart.check(study_path(v["out"], source), source)  # an Optuna study of that name, read-only, before Ray
         task = read_meta(v["out"] / source / "journal").get("task")
         if task not in (None, v["task"]):
             raise UsageError(f"argument --warm-start: {source!r} is a {task} sweep, not {v['task']}")

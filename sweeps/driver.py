@@ -176,8 +176,11 @@ def run_sweep(s: Settings, data) -> int:
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
                 return sweep.interrupted()
             except BaseException:
-                runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
-                journal.close(timeout=min(s.mlflow_wait, 10.0))
+                try:
+                    runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
+                    journal.close(timeout=min(s.mlflow_wait, 10.0))
+                except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
+                    runs.close_directly(journal)
                 raise
         finally:
             journal.close(timeout=0)

@@ -13,7 +13,9 @@ trial (through `tune.with_parameters`, so it reaches workers on any node). Each 
      "seconds": 30}                         # sleep: how long
 
 `kill` is a real SIGKILL of the trial's worker process; `oom` raises torch's own
-`OutOfMemoryError`; `raise` a RuntimeError.
+`OutOfMemoryError`; `raise` a RuntimeError. One fault acts in the driver instead:
+`{"kind": "disk_full", "at": "journal", "after": 40}` makes the sweep's journal fail every write
+after its 40th op with `OSError(ENOSPC)`, as a full `--out` disk does.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import time
 from pathlib import Path
 
 ENV = "CNNCLF_FAULTS"
-KINDS = ("raise", "oom", "kill", "sleep")
-POINTS = ("epoch_end", "checkpoint", "probe")
+KINDS = ("raise", "oom", "kill", "sleep", "disk_full")
+POINTS = ("epoch_end", "checkpoint", "probe", "journal")
 
 
 def load() -> list[dict]:
@@ -44,6 +46,16 @@ def load() -> list[dict]:
         if f.get("kind") not in KINDS or f.get("at", "epoch_end") not in POINTS:
             raise ValueError(f"{ENV}: unknown fault {f!r}; kinds {KINDS}, points {POINTS}")
     return faults
+
+
+def disk_full_after() -> int | None:
+    """The journal op after which every journal write fails as on a full disk; None without that fault."""
+    try:
+        faults = load()
+    except ValueError:
+        return None  # the driver refuses a malformed $CNNCLF_FAULTS itself, with one line
+    found = [int(f.get("after", 0)) for f in faults if f["kind"] == "disk_full" and f.get("at") == "journal"]
+    return min(found) if found else None
 
 
 def _matches(match: dict, config: dict) -> bool:

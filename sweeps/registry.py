@@ -8,13 +8,19 @@ and the in-process record of what it logged and registered.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from cnnclf.args import described
 
+CODE = Path(__file__).with_name("model.py").resolve()  # the only code a "model" op logs, whatever the op names
+# What sweeps/model.py imports (its REQUIREMENTS), pinned: anything else in an op is refused, since a model's
+# requirements are installed wherever it is served in an environment of its own (`--env-manager virtualenv`).
+REQUIREMENT = re.compile(r"(mlflow|torch|numpy|pandas|pillow)==[0-9][0-9A-Za-z.]*")
+
 
 def log_model(j, run_id: str, op: dict) -> None:
-    """Log op["code"] (a models-from-code file) with its checkpoint on run `run_id` as a LoggedModel,
+    """Log sweeps/model.py (`CODE`, a models-from-code file) with op["checkpoint"] on run `run_id` as a LoggedModel,
     and register it under op["register"]. The model carries a `cnnclf.key` tag (with op["digest"], the
     checkpoint's), so a replay finds it and only does what is missing: never a second model of the same
     weights on the run, nor a second registered version of it.
@@ -121,7 +127,7 @@ def _save_and_upload(j, model, run_id: str, op: dict) -> None:
             )
             mlflow.pyfunc.save_model(
                 str(local),
-                python_model=op["code"],
+                python_model=str(CODE),  # never a file the op names (the journal refuses such an op)
                 artifacts={"checkpoint": op["checkpoint"]},
                 signature=ModelSignature.from_dict(op["signature"]),
                 input_example=example,

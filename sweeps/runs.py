@@ -117,6 +117,25 @@ def close_orphans(journal: Journal, interrupted: bool) -> int:
     return len(orphans)
 
 
+def close_directly(journal: Journal) -> None:
+    """No run left RUNNING when the journal itself cannot write (its disk full or read-only): what it holds is
+    written first, then the runs still open are closed as KILLED straight through MLflow, whose store may
+    live elsewhere. A resume reopens them (sweeps/resume.py)."""
+    import contextlib
+
+    from mlflow.tracking import MlflowClient
+
+    journal.flush(timeout=10.0)
+    client = MlflowClient(tracking_uri=journal.tracking_uri)
+    for key in [*(t.key for t in journal.open_trials()), SWEEP_KEY]:
+        run_id = journal.run_ids.get(key)
+        if run_id is None:
+            continue
+        with contextlib.suppress(Exception):  # MLflow's own disk may be the full one: nothing more to do then
+            client.set_tag(run_id, "status", "interrupted")
+            client.set_terminated(run_id, status="KILLED", end_time=now_ms())
+
+
 def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
     """The best trial (`best.*` tags, `best/*` scores), outcome counts and artifacts, on the parent."""
     import json

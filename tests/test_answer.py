@@ -89,6 +89,11 @@ def confirm(of: str, seed: int) -> dict:
     return {"role": "confirm", "confirm_of": of, "seed": seed, "split_seed": 0, "lr": 0.01, "optimizer": "sgd"}
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns of the working directory
+
+
 @pytest.fixture
 def reversed_sweep(tmp_path, capsys):
     """t1 is the search's best (val 60%), but over fresh seeds t2 does better (58% vs 51% mean val/acc)."""

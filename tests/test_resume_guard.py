@@ -156,3 +156,26 @@ def test_a_read_only_or_full_folder_is_refused_at_the_start(tmp_path, monkeypatc
         for m, d in ((mounted, ro), (full, tiny)):
             if m:
                 subprocess.run(["umount", str(d)])
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_sweep_is_one_line_and_leaves_nothing_running(tmp_path):
+    """The journal's writes fail as on a full --out (the `disk_full` fault, sweeps/faults.py) while the
+    confirmation runs: one line, exit 1, every open MLflow run closed as KILLED; --resume finishes it."""
+    data = write_cifar_folders(tmp_path / "cifar", 16, 4)
+    args = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--smoke-test", "--data-dir", str(data)]
+    args += ["--no-download", "--name", "full", "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray")]
+    fault = [{"kind": "disk_full", "at": "journal", "after": 25}]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CNNCLF_FAULTS": json.dumps(fault)}
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith("cifar10 sweep: error: No space left on device writing ") and "--resume" in lines[-1]
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("cifar10").experiment_id
+    statuses = {(run.data.tags["role"], run.info.status) for run in c.search_runs([exp])}
+    assert ("sweep", "KILLED") in statuses and not any(st == "RUNNING" for _, st in statuses), statuses
+    env.pop("CNNCLF_FAULTS")
+    r = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {run.info.status for run in c.search_runs([exp])} == {"FINISHED"}
