@@ -148,7 +148,7 @@ def test_bad_input_exits_2_before_ray(tmp_path, args, needle):
 def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
     r = sweep("cifar10", tmp_path, "--smoke-test", "--data-dir", cifar_dir, *common(tmp_path, "smoke"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "best:" in r.stdout and "reproduce: python -m cnnclf train" in r.stdout
+    assert "recommended: " in r.stdout and "reproduce: python -m cnnclf train" in r.stdout
     client, parents, children = runs(tmp_path, "cifar10", "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["sweep.num_samples"] == "2"
