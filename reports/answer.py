@@ -84,8 +84,8 @@ def _comparisons(s: SweepData, ans: Answer, trial: pd.Series, task: str, blocks:
         r = ans.runner_up
         rows.append(
             [
-                f"runner-up: trial `{r.trial.trial_id}`, confirmed",
-                r.test.text(),
+                f"runner-up `{r.trial.trial_id}`, confirmed",
+                r.test.short(),
                 _diff(ans.vs_runner_up()),
                 "the same",
                 "–",
@@ -99,11 +99,11 @@ def _comparisons(s: SweepData, ans: Answer, trial: pd.Series, task: str, blocks:
         first = an.first_beat(runs, base["val/acc"]) if finite(base["val/acc"]) else None
         rows.append(
             [
-                f"re-measured in this sweep: trial `{b.trial_id}` ({base['outcome']}, "
+                f"re-measured baseline `{b.trial_id}` ({base['outcome']}, "
                 f"epochs {value(base.get('epochs_run'))}/{value(base.get('epochs'))}){flag}",
-                est.text() if finite(est.mean) else "–",
+                est.short(),
                 _diff(ans.vs_baseline()),
-                "the same data; the seed's own settings",
+                "the same data",
                 beat(first) if finite(base["val/acc"]) else "– (the baseline has no val/acc)",
             ]
         )
@@ -131,7 +131,8 @@ def _comparisons(s: SweepData, ans: Answer, trial: pd.Series, task: str, blocks:
         Para(
             "Intervals are 95%: across seeds (Student t) for a mean, Wilson's on the test set's size for one run. "
             "A difference is “larger than the noise” when Welch's t-test gives p < 0.05 (a single run counts "
-            "with its binomial error). Accuracies trained with another budget are not like for like."
+            "with its binomial error on the test set). Accuracies trained with another budget are not like for "
+            "like."
         )
     )
     blocks.append(Para(_budget_line(s)))
@@ -151,7 +152,7 @@ def _flag(est: Estimate, run: Run) -> str:
 
 
 def _diff(d) -> str:
-    return d.text() if d is not None else "–"
+    return d.short() if d is not None else "–"
 
 
 def _train_images(s: SweepData, trial: pd.Series) -> float | None:
@@ -212,9 +213,9 @@ def confirmation(s: SweepData, ans: Answer | None, blocks: list[Block], h: int) 
                 f"`{c.trial.trial_id}`" + (" (recommended)" if ans and c.trial.trial_id == ans.trial.trial_id else ""),
                 f"#{rank_of.get(c.trial.trial_id, '?')}",
                 pct(c.trial.val),
-                one_run(c.trial.test, c.trial.test_n).text() if finite(c.trial.test) else "–",
-                c.test.text(),
-                c.val.text(),
+                one_run(c.trial.test, c.trial.test_n).short() if finite(c.trial.test) else "–",
+                c.test.short(),
+                c.val.short(),
                 r.seeds if r is not None else "",
                 str(c.failed),
                 c.flag or "",

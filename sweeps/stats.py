@@ -45,6 +45,15 @@ class Estimate:
         """The sample standard deviation across seeds (NaN for one run)."""
         return self.se * math.sqrt(self.n) if self.kind == "seeds" else math.nan
 
+    def short(self) -> str:
+        """A table cell: `33.38% ± 1.12 (95% CI 30.59–36.17, n=3)` or `30.11% (95% CI 22.89–38.47, 1 run)`."""
+        if not math.isfinite(self.mean):
+            return "–"
+        ci = f"95% CI {100 * self.lo:.2f}–{100 * self.hi:.2f}, " if math.isfinite(self.lo) else ""
+        if self.kind == "seeds" and self.n > 1:
+            return f"{pct(self.mean)} ± {100 * self.std:.2f} ({ci}n={self.n})"
+        return f"{pct(self.mean)} ({ci}1 run)"
+
     def text(self) -> str:
         """`33.38% ± 1.12 (n=3 seeds; 95% CI 30.59–36.17%)`, or `30.11% (one run; 95% CI 22.89–38.47% on
         130 test images)`: percent, the std in points."""
@@ -112,6 +121,17 @@ class Difference:
     hi: float
     p: float
     df: float
+
+    def short(self) -> str:
+        """A table cell: `+3.27 pts (95% CI −3.10 to +9.70), p = 0.19: within the noise`."""
+        if not math.isfinite(self.diff):
+            return "–"
+        if not self.known:
+            return f"{100 * self.diff:+.2f} pts (no noise estimate)"
+        verdict = "larger than the noise" if self.beyond_noise else "within the noise"
+        return (
+            f"{100 * self.diff:+.2f} (95% CI {100 * self.lo:+.2f} to {100 * self.hi:+.2f}), p = {self.p:.2g}: {verdict}"
+        )
 
     def text(self) -> str:
         """`+3.27 pts (95% CI −3.10 to +9.70; Welch p = 0.19): within the noise`."""

@@ -140,10 +140,11 @@ def test_every_accuracy_in_the_answer_carries_an_interval_and_a_judged_differenc
     md = (s.out / "report.md").read_text()
     headline = md.split("## Headline")[1].split("## Confirmation")[0]
     assert "57.00% ± 1.41 (n=2 seeds; 95% CI" in headline
-    assert "41.00% (one run; 95% CI" in headline and "on 1,000 test images" in headline
+    assert "| 41.00% (95% CI 37.99–44.08, 1 run) |" in headline  # the baseline's Wilson interval, 1,000 images
     conf = md.split("## Confirmation with fresh seeds")[1].split("##")[0]
     rows = [x for x in conf.splitlines() if x.startswith("| `t")]
     assert rows[0].startswith("| `t2` (recommended) | #2 |") and rows[1].startswith("| `t1` | #1 |")
+    assert "| 57.00% ± 1.41 (95% CI 44.29–69.71, n=2) |" in rows[0]
 
 
 def test_the_documented_baseline_names_the_budget_that_differs(reversed_sweep):

@@ -371,14 +371,9 @@ def test_confirmation_mean_std_and_n(default_run):
     assert "Test accuracy **74.00% ± 1.00 (n=3 seeds; 95% CI 71.52–76.48%)**" in md
     row = next(line for line in md.splitlines() if line.startswith("| `t_00002`"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:4] == [
-        "`t_00002` (recommended)",
-        "#1",
-        "74.12%",
-        "73.42% (one run; no interval: test-set size not recorded)",
-    ]
+    assert cells[:4] == ["`t_00002` (recommended)", "#1", "74.12%", "73.42% (1 run)"]  # no test/n: no interval
     assert cells[4:] == [
-        "74.00% ± 1.00 (n=3 seeds; 95% CI 71.52–76.48%)", "75.00% ± 1.00 (n=3 seeds; 95% CI 72.52–77.48%)",
+        "74.00% ± 1.00 (95% CI 71.52–76.48, n=3)", "75.00% ± 1.00 (95% CI 72.52–77.48, n=3)",
         "1, 2, 3", "0", ""]  # fmt: skip
     cd = (default_run["out"] / "catdog-a" / "report.md").read_text()
     assert "No confirmation runs" in cd
