@@ -129,9 +129,8 @@ class Difference:
         if not self.known:
             return f"{100 * self.diff:+.2f} pts (no noise estimate)"
         verdict = "larger than the noise" if self.beyond_noise else "within the noise"
-        return (
-            f"{100 * self.diff:+.2f} (95% CI {100 * self.lo:+.2f} to {100 * self.hi:+.2f}), p = {self.p:.2g}: {verdict}"
-        )
+        ci = f"95% CI {100 * self.lo:+.2f} to {100 * self.hi:+.2f}"
+        return f"{100 * self.diff:+.2f} pts ({ci}), p = {self.p:.2g}: {verdict}"
 
     def text(self) -> str:
         """`+3.27 pts (95% CI −3.10 to +9.70; Welch p = 0.19): within the noise`."""
