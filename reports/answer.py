@@ -152,7 +152,7 @@ def _flag(est: Estimate, run: Run) -> str:
 
 
 def _diff(d) -> str:
-    return d.short() if d is not None else "–"
+    return d.text(short=True) if d is not None else "–"
 
 
 def _train_images(s: SweepData, trial: pd.Series) -> float | None:

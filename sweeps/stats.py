@@ -122,25 +122,19 @@ class Difference:
     p: float
     df: float
 
-    def short(self) -> str:
-        """A table cell: `+3.27 pts (95% CI −3.10 to +9.70), p = 0.19: within the noise`."""
+    def text(self, short: bool = False) -> str:
+        """`+3.27 pts (95% CI −3.10 to +9.70; Welch p = 0.19): within the noise`; `short`, for a table cell:
+        `+3.27 pts (95% CI −3.10 to +9.70), p = 0.19: within the noise`."""
         if not math.isfinite(self.diff):
             return "–"
         if not self.known:
-            return f"{100 * self.diff:+.2f} pts (no noise estimate)"
+            why = "" if short else ": one side is a single run without a spread"
+            return f"{100 * self.diff:+.2f} pts (no noise estimate{why})"
         verdict = "larger than the noise" if self.beyond_noise else "within the noise"
         ci = f"95% CI {100 * self.lo:+.2f} to {100 * self.hi:+.2f}"
-        return f"{100 * self.diff:+.2f} pts ({ci}), p = {self.p:.2g}: {verdict}"
-
-    def text(self) -> str:
-        """`+3.27 pts (95% CI −3.10 to +9.70; Welch p = 0.19): within the noise`."""
-        if not math.isfinite(self.diff):
-            return "–"
-        if not self.known:
-            return f"{100 * self.diff:+.2f} pts (no noise estimate: one side is a single run without a spread)"
-        verdict = "larger than the noise" if self.beyond_noise else "within the noise"
-        ci = f"{100 * self.lo:+.2f} to {100 * self.hi:+.2f}"
-        return f"{100 * self.diff:+.2f} pts (95% CI {ci}; Welch p = {self.p:.2g}): {verdict}"
+        if short:
+            return f"{100 * self.diff:+.2f} pts ({ci}), p = {self.p:.2g}: {verdict}"
+        return f"{100 * self.diff:+.2f} pts ({ci}; Welch p = {self.p:.2g}): {verdict}"
 
     @property
     def known(self) -> bool:
