@@ -186,7 +186,7 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     _print_table(ranked, base_row, outcomes)
     best, files = None, []
     if ans is not None:
-        best = recommendation(ans, {r.trial_id: r for r in rows}, journal, data)
+        best = recommendation(ans, {r.trial_id: r for r in rows}, journal, data, confirm)
         _print_answer(ans, best)
         files = [(dump_json(best, end.out_dir / "best_config.json"), None)]
         files += _best_artifacts(next(r for r in rows if r.trial_id == ans.model.trial_id), end.out_dir, data)
@@ -237,7 +237,7 @@ def _difference(d) -> dict | None:
     return {"diff": d.diff, "ci95": [d.lo, d.hi], "p": d.p, "beyond_noise": d.beyond_noise, "text": d.text()}
 
 
-def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
+def recommendation(ans: Answer, rows: dict[str, Row], journal, data, confirm: dict) -> dict:
     """best_config.json: the recommended configuration, how it was chosen, how sure it is, the command that
     reproduces its search trial, which run the saved model is, and the data it was all measured on."""
     trial, model = rows[ans.trial.trial_id], rows[ans.model.trial_id]
@@ -295,7 +295,7 @@ def recommendation(ans: Answer, rows: dict[str, Row], journal, data) -> dict:
             if doc
             else None
         ),
-        "confirmation": confirmations(ans).get(trial.trial_id),
+        "confirmation": confirm.get(trial.trial_id),  # confirmations(ans), computed once by finish
     }
 
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from tests.test_sweeps import ROOT
 
 NOTE = "mlflow.note.content"
+pytestmark = pytest.mark.slow  # every test reads the shared real smoke sweep (Ray, Optuna, MLflow)
 
 
 @pytest.fixture(scope="module")
