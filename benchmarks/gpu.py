@@ -59,28 +59,41 @@ ROOT = Path(__file__).resolve().parents[1]
 # The sweeps' base trial configs (sweeps/cifar10.py and sweeps/catdog.py SPEC.base, mirrored here
 # because importing sweeps/ imports Ray; tests/test_benchmarks.py checks that they agree).
 CIFAR10_TRIAL = TrainConfig(
-    task="cifar10", model="cnn", schedule="cosine", warmup_epochs=1, augment="crop-flip", normalize="dataset"
+    task="cifar10",
+    model="cnn",
+    schedule="cosine",
+    warmup_epochs=1,
+    augment="crop-flip",
+    normalize="dataset",
+    depth=6,
+    width=32,
+    kernel_size=3,
+    batch_size=64,
 )
 CATDOG_TRIAL = TrainConfig(
     task="catdog",
     model="cnn",
-    image_size=128,
+    image_size=64,
     schedule="cosine",
     warmup_epochs=1,
     augment="resized-crop-flip",
     normalize="imagenet",
+    depth=6,
+    width=16,
+    kernel_size=3,
+    batch_size=64,
 )
 # What the projection assumes of the sweeps (sweeps/cli.py defaults, sweeps/*.py default_max_epochs).
 SWEEPS = {
     "cifar10": {
-        "max_t": 10,
+        "max_t": 4,
         "trial": "cifar10 trial",
         "baseline": "cifar10-seed",
         "baseline_row": "tutorial b4",
         "train_images": 45_000,
     },
     "catdog": {  # Kaggle's 25,000 labelled photos less 10% test and 10% of the rest for validation
-        "max_t": 15,
+        "max_t": 10,
         "trial": "catdog trial",
         "baseline": "catdog-seed",
         "baseline_row": "catdog-seed",

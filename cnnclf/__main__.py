@@ -63,6 +63,12 @@ def build_parser() -> Parser:
         choices=["auto", "on", "off"],
         help="torch.compile the training step (auto, the default: on with CUDA, off on the CPU)",
     )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="forward-pass arithmetic (auto, the default: bf16 autocast on CUDA and on a CPU with bf16 units, "
+        "else fp32; the seed presets: fp32)",
+    )
     t.add_argument("--data-dir", type=path_arg, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -248,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_summary(result: dict) -> None:
     print(
         f"val/acc {result['val/acc']:.4f}  test/acc {result['test/acc']:.4f}  "
-        f"{result['throughput/train_img_s']:.0f} train img/s  {result['seconds']:.1f} s"
+        f"{result['throughput/train_img_s']:.0f} train img/s ({result['precision']})  {result['seconds']:.1f} s"
         + (f" (compiling {result['time/compile_s']:.1f} s)" if "time/compile_s" in result else "")
     )
     print("per-class test accuracy:")

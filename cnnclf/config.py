@@ -20,6 +20,9 @@ NORMALIZATIONS = ("half", "dataset", "imagenet")
 AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 KERNEL_SIZES = (3, 5, 7)
 COMPILE = ("auto", "on", "off")  # torch.compile of the training step; auto: on for CUDA, off on the CPU
+# Arithmetic of the forward pass: auto is bfloat16 autocast (with channels-last tensors) where the device has
+# bf16 units (CUDA; a CPU with AVX512-BF16 or AMX), float32 elsewhere. cnnclf.train.uses_bf16 decides.
+PRECISIONS = ("auto", "fp32", "bf16")
 MAX_DEPTH = 10
 
 
@@ -76,6 +79,7 @@ class TrainConfig:
     # torch.compile of the training step (cnnclf.train). A compiled step drops each epoch's ragged
     # last batch, so that every step has one shape: docs/training.md#compiled-training-step
     compile: str = "auto"
+    precision: str = "auto"  # PRECISIONS; the seeds pin fp32, as they were documented
     tags: tuple[str, ...] = field(default=(), compare=False)  # free-form, e.g. ("baseline",)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class TrainConfig:
         check(self.subset is None or self.subset >= 2, "subset", "expected >= 2 images")
         check(self.eval_subset is None or self.eval_subset >= 2, "eval_subset", "expected >= 2 images")
         check(self.compile in COMPILE, "compile", f"expected one of {', '.join(COMPILE)}")
+        check(self.precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}")
 
     @property
     def data_seed(self) -> int:
@@ -154,6 +159,7 @@ CIFAR10_SEED = TrainConfig(
     epochs=2,
     normalize="half",
     augment="none",  # the tutorial trains on un-augmented images
+    precision="fp32",  # the seeds trained in float32
 )
 
 PRESETS: dict[str, TrainConfig] = {
@@ -196,6 +202,7 @@ PRESETS: dict[str, TrainConfig] = {
         image_size=128,
         normalize="imagenet",
         augment="resized-crop-flip",
+        precision="fp32",  # the seeds trained in float32
     ),
     "catdog-strong": TrainConfig(
         task="catdog",

@@ -217,6 +217,7 @@ def logged_config(sweep: SweepData, run_id: str) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"tags"}
     params.setdefault("task", task_of(sweep))
     params.setdefault("compile", "auto")  # stores written before the setting existed trained with today's auto
+    params.setdefault("precision", "auto")  # ... and before this one, bf16 on CUDA and fp32 on the CPU
     for k in ("momentum", "nesterov", "amsgrad", "eval_subset", "split_seed"):
         # not logged where the optimizer ignores it (sweeps.spec.applies), nor by stores before the field
         params.setdefault(k, getattr(TrainConfig(), k))

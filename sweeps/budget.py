@@ -8,9 +8,11 @@ ASHA's rungs, and the ETA.
 In time mode ASHA's rungs count each trial's training seconds (`cost/train_s`, summed over its
 epochs; not time spent waiting for a slot), so a cheap and an expensive configuration are compared
 after the same cost. Its last rung and the cost guard's limit are `--max-trial-minutes`, or
-TRIAL_FACTOR times what the seed baseline's training would take at the sweep's epochs, measured at
-the start from its pace on this machine (a few hundred steps). Epochs mode is ASHA on epochs, as
-before, with no guard.
+TRIAL_FACTOR times what the task's reference configuration (its spec's `base`: the middle of the
+search space) would take at the sweep's epochs, measured at the start from its pace on this machine
+(a few hundred steps). The seed baseline is measured the same way: it trains as many of its epochs
+as fit in that limit, and is left out (said on stdout; the report compares with its documented
+figure) when not even one does. Epochs mode is ASHA on epochs, as before, with no guard.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 
 from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY
+from sweeps.spec import SEARCH_PARAMS
 
-TRIAL_FACTOR = 30.0  # a trial may train for this many times the baseline's time at the sweep's epochs
+TRIAL_FACTOR = 2.5  # a trial may train for this many times the reference configuration's time at the sweep's epochs
 MIN_TRIAL_S = 60.0  # ... but never less than this: the guard is for trials that cost minutes, not seconds
 REDUCTION = 3  # ASHA's reduction factor
 RUNGS = 3  # time mode: rungs at max/9, max/3 and max
@@ -38,6 +41,15 @@ class Budget:
     max_trial_s: float | None  # time mode: the cost guard's limit (None in epochs mode)
     source: str  # where the limit came from, in words
     baseline_s: float | None = None  # the baseline's training seconds at the sweep's epochs (measured at start)
+    baseline_epoch_s: float | None = None  # ... for one epoch
+    reference_s: float | None = None  # the reference configuration's training seconds at the sweep's epochs
+
+    def baseline_epochs(self, wanted: int) -> int:
+        """How many of its `wanted` epochs the baseline trains: in time mode as many as fit in the limit (0:
+        not one does, it is left out), else all."""
+        if self.mode != "time" or self.max_trial_s is None or not self.baseline_epoch_s:
+            return wanted
+        return min(wanted, int(self.max_trial_s / self.baseline_epoch_s))
 
     def asha(self, max_epochs: int, grace_epochs: int) -> dict:
         """ASHA's time_attr, max_t and grace_period for this budget."""
@@ -83,8 +95,8 @@ def asha_fraction(budget: Budget, scheduler: str, max_epochs: int, grace_epochs:
     return expected_fraction(rungs, top)
 
 
-def baseline_pace(baseline: TrainConfig, data, device: str, threads: int) -> float:
-    """Images per second of the baseline's training on this machine, over its first few hundred steps."""
+def measure_pace(cfg: TrainConfig, data, device: str, threads: int) -> float:
+    """Images per second of `cfg`'s training on this machine, over its first few hundred steps."""
     import torch
 
     from cnnclf.train import PROBE_STEPS, train
@@ -95,12 +107,12 @@ def baseline_pace(baseline: TrainConfig, data, device: str, threads: int) -> flo
     def probe(pace) -> None:
         raise Measured(pace)
 
-    n = min(len(data.train_y), baseline.batch_size * (PROBE_STEPS + 1))
+    n = min(len(data.train_y), cfg.batch_size * (PROBE_STEPS + 1))
     small = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        train(baseline.replace(epochs=1), small, None, device=device, probe=probe)
+        train(cfg.replace(epochs=1), small, None, device=device, probe=probe)
     except Measured as m:
         pace = m.args[0]
         return pace.images / max(pace.seconds, 1e-9)
@@ -109,24 +121,34 @@ def baseline_pace(baseline: TrainConfig, data, device: str, threads: int) -> flo
     return math.nan  # the probe always fires; kept for type checkers
 
 
-def plan(mode: str, max_trial_minutes: float | None, baseline: TrainConfig, epochs: int, data, device: str,
-         threads: int) -> Budget:  # fmt: skip
-    """The sweep's Budget: the limit given, or TRIAL_FACTOR x the baseline's measured time at `epochs` epochs."""
-    pace = math.nan
-    with contextlib.suppress(Exception):  # a baseline that cannot be measured leaves the limit to the flag
-        pace = baseline_pace(baseline, data, device, threads)
-    baseline_s = len(data.train_y) * epochs / pace if math.isfinite(pace) and pace > 0 else None
+def plan(mode: str, max_trial_minutes: float | None, configs: tuple[TrainConfig, TrainConfig], epochs: int, data,
+         device: str, threads: int) -> Budget:  # fmt: skip
+    """The sweep's Budget: the limit given, or TRIAL_FACTOR x the reference's measured time at `epochs` epochs.
+    `configs`: (the baseline, the reference configuration)."""
+    n = len(data.train_y)
+
+    def seconds(cfg: TrainConfig) -> float | None:  # one epoch of cfg here; None where it cannot be measured
+        pace = math.nan
+        with contextlib.suppress(Exception):  # the limit is then left to the flag
+            pace = measure_pace(cfg, data, device, threads)
+        return n / pace if math.isfinite(pace) and pace > 0 else None
+
+    baseline_epoch_s, reference_epoch_s = seconds(configs[0]), seconds(configs[1])
+    baseline_s = baseline_epoch_s * epochs if baseline_epoch_s else None
+    reference_s = reference_epoch_s * epochs if reference_epoch_s else None
+    paces = {"baseline_s": baseline_s, "baseline_epoch_s": baseline_epoch_s, "reference_s": reference_s}
     if mode == "epochs":
-        return Budget("epochs", None, "", baseline_s)
+        return Budget("epochs", None, "", **paces)
     if max_trial_minutes is not None:
-        return Budget("time", max_trial_minutes * 60.0, "--max-trial-minutes", baseline_s)
-    if baseline_s is None:
-        return Budget("time", None, "the baseline could not be measured: no limit", None)
+        return Budget("time", max_trial_minutes * 60.0, "--max-trial-minutes", **paces)
+    if reference_s is None:
+        return Budget("time", None, "the reference configuration could not be measured: no limit", **paces)
     source = (
-        f"{TRIAL_FACTOR:g}x the baseline's {duration(baseline_s)} for {epochs} epoch(s) at its measured "
-        f"{pace:,.0f} images/s, at least {duration(MIN_TRIAL_S)}; --max-trial-minutes sets it"
+        f"{TRIAL_FACTOR:g}x the reference configuration's {duration(reference_s)} for {epochs} epoch(s) at its "
+        f"measured {n / reference_epoch_s:,.0f} images/s, at least {duration(MIN_TRIAL_S)}; "
+        "--max-trial-minutes sets it"
     )
-    return Budget("time", max(MIN_TRIAL_S, TRIAL_FACTOR * baseline_s), source, baseline_s)
+    return Budget("time", max(MIN_TRIAL_S, TRIAL_FACTOR * reference_s), source, **paces)
 
 
 def duration(s: float) -> str:
@@ -216,17 +238,18 @@ def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
         budget = Budget(**kept)
     else:
         device = "cuda" if gpus > 0 and _cuda() else "cpu"
-        budget = plan(s.budget_by, s.max_trial_minutes, s.baseline, s.max_epochs, data, device,
+        budget = plan(s.budget_by, s.max_trial_minutes, (s.baseline, reference(s)), s.max_epochs, data, device,
                       int(s.cpus_per_trial))  # fmt: skip
         text = budget.describe(s.scheduler)
         journal.append("meta", data={"budget": dataclasses.asdict(budget), "budget_text": text})
         if journal.has_run(SWEEP_KEY):  # a resumed sweep's parent says the budget it goes on with
             journal.append("log", SWEEP_KEY, tags=[["budget", text]])
     print(budget.describe(s.scheduler), flush=True)
-    if budget.baseline_s is not None:
+    if budget.reference_s is not None:
         share = asha_fraction(budget, s.scheduler, s.max_epochs, s.grace_period)
-        per_trial = (budget.max_trial_s or TRIAL_FACTOR * budget.baseline_s) * share
-        total = (budget.baseline_s * s.with_baseline + s.num_samples * per_trial) / concurrency
+        per_trial = (budget.max_trial_s or TRIAL_FACTOR * budget.reference_s) * share
+        baseline_s = (budget.baseline_epoch_s or 0.0) * budget.baseline_epochs(s.baseline.epochs)
+        total = (baseline_s * s.with_baseline + s.num_samples * per_trial) / concurrency
         print(
             f"projected at the start: about {duration(total)} for {s.num_samples} search trials"
             f"{' and the baseline' if s.with_baseline else ''}, {concurrency} at a time "
@@ -236,6 +259,28 @@ def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
         if total > LONG_S and gpus == 0:
             print(f"this is long without a GPU; to shrink it: {shrink_hint(s)}", flush=True)
     return budget
+
+
+def reference(s) -> TrainConfig:
+    """The configuration whose measured pace sets the time limit: the task's base (the middle of its search
+    space) with the searched parameters --fix pins."""
+    return s.base.replace(**{k: v for k, v in s.fixed.items() if k in SEARCH_PARAMS})
+
+
+def baseline_line(s, budget: Budget) -> str | None:
+    """What the budget leaves of the seed baseline, in words (None: it trains as the flags say)."""
+    if not s.with_baseline or budget.baseline_epoch_s is None:
+        return None
+    k = budget.baseline_epochs(s.baseline.epochs)
+    if k == s.baseline.epochs:
+        return None
+    per_epoch = f"{duration(budget.baseline_epoch_s)} per epoch here"
+    if k == 0:
+        return (
+            f"the seed baseline is left out: one epoch of it ({per_epoch}) is longer than a trial's limit; "
+            "the report compares with its documented figure"
+        )
+    return f"the seed baseline trains {k} of its {s.baseline.epochs} epochs ({per_epoch}): what fits a trial's limit"
 
 
 def shrink_hint(s) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cnnclf.args import UsageError
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
-from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, settle, slots
+from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
 from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher
@@ -171,6 +171,7 @@ def run_sweep(s: Settings, data) -> int:
                 concurrency=slots(resources, s.cpus_per_trial, gpus, cap),
             )
             sweep.budget = settle(s, journal, data, gpus, sweep.concurrency)
+            sweep.s = fit_baseline(s, sweep.budget)
             try:
                 return _run(sweep, data)
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
@@ -184,6 +185,20 @@ def run_sweep(s: Settings, data) -> int:
                 raise
         finally:
             journal.close(timeout=0)
+
+
+def fit_baseline(s: Settings, budget: Budget) -> Settings:
+    """`s` with the seed baseline's epochs cut to what fits in a trial's time limit, or left out when not one
+    epoch does (said on stdout): the baseline is measured on the budget every trial has. A pure function of
+    the budget, which the journal keeps, so a resumed sweep decides the same."""
+    if line := baseline_line(s, budget):
+        print(line, flush=True)
+    k = budget.baseline_epochs(s.baseline.epochs)
+    if not s.with_baseline or k == s.baseline.epochs:
+        return s
+    if k == 0:
+        return dataclasses.replace(s, with_baseline=False)
+    return dataclasses.replace(s, baseline=s.baseline.replace(epochs=k))
 
 
 def _run(sweep: Sweep, data) -> int:
@@ -301,7 +316,7 @@ def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
     mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
     b = sweep.budget
     fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
-    guess = b.max_trial_s or (TRIAL_FACTOR * b.baseline_s if b.baseline_s else None)  # before a trial's pace
+    guess = b.max_trial_s or (TRIAL_FACTOR * b.reference_s if b.reference_s else None)  # before a trial's pace
     eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess)
     progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train)
     return tune.Tuner(

@@ -20,11 +20,12 @@ MAX_WAIT_S = 7 * 24 * 3600  # --mlflow-wait: a week; "forever" is --sync later, 
 
 
 def confirm_defaults(num_samples: int, seeds: int | None, top: int | None) -> tuple[int, int]:
-    """(fresh seeds, top configurations) for the confirmation, where the flags left them out: at most about a
-    third of the search's trials in extra trainings (4 or 6 trials: 1 config x 2 seeds; 9: 1 x 3; 18: 2 x 3;
-    27 and more: 3 x 3), since a confirmation that costs more than the search is a second search. Two seeds
-    are the fewest with a spread; three give a usable interval."""
-    seeds = (2 if num_samples < 9 else 3) if seeds is None else seeds
+    """(fresh seeds, top configurations) for the confirmation, where the flags left them out: three seeds, the
+    fewest whose Student-t interval is usable (with two, t has 1 degree of freedom and the 95% interval is
+    12.7 standard errors wide); as many configurations as keep it within about a third of the search's trials
+    (up to 17 trials: 1 config x 3 seeds; 18: 2 x 3; 27 and more: 3 x 3), since a confirmation that costs
+    more than the search is a second search."""
+    seeds = 3 if seeds is None else seeds
     top = max(1, min(3, num_samples // 3 // max(seeds, 1))) if top is None else top
     return seeds, top
 
@@ -53,7 +54,8 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
         "--max-epochs",
         type=int,
         default=None,
-        help=f"epochs per trial; ASHA's max_t (default {spec.default_max_epochs}; --fix epochs=N is the same setting)",
+        help=f"epochs per trial (default {spec.default_max_epochs}; --fix epochs=N is the same setting); ASHA's max_t "
+        "with --budget-by epochs",
     )
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     p.add_argument(
@@ -79,8 +81,8 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
         type=int,
         default=None,
         help="retrain the top configs with this many fresh seeds; the recommendation is the confirmed config with "
-        "the best mean val/acc (0: off, the best search trial is recommended unconfirmed; default: 2 seeds under 9 "
-        "search trials, else 3; --smoke-test: 1)",
+        "the best mean val/acc (0: off, the best search trial is recommended unconfirmed; default 3; --smoke-test: "
+        "1)",
     )
     p.add_argument(
         "--confirm-top",

@@ -117,7 +117,7 @@ def test_a_long_projection_without_a_gpu_says_how_to_shrink_it(tmp_path, capsys)
     baseline = TrainConfig(task="cifar10", model="tutorial", batch_size=4, epochs=2, image_size=32)
     base = TrainConfig(task="cifar10", image_size=32)
     flags = dict(budget_by="time", baseline=baseline, base=base, max_epochs=3, scheduler="asha", grace_period=1)
-    flags |= dict(cpus_per_trial=1.0, with_baseline=True)
+    flags |= dict(cpus_per_trial=1.0, with_baseline=True, fixed={})
     # 40 trials of up to 10 hours each: far over 2 hours, on a machine without a GPU.
     s = SimpleNamespace(**flags, max_trial_minutes=600.0, num_samples=40)
     budget = settle(s, journal, _tiny(size=32), gpus=0.0, concurrency=2)
