@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from sweeps.spec import DOCUMENTED  # noqa: E402 (a leaf module: no Ray, Optuna or MLflow)
 
+SHOWN = ("optimizer", "lr", "batch_size", "depth", "width", "kernel_size", "image_size", "epochs")
 TARGETS = {"catdog": {"minutes": 60, "test": 0.90, "ci_above": 0.88}, "cifar10": {"minutes": 30, "test": 0.80}}
 
 
@@ -154,7 +155,8 @@ def measure(root: Path, task: str, name: str, t0: float) -> dict:
     history = []  # (minutes from the start, val/acc) of every search trial's epochs
     for r in runs:
         if r.data.tags.get("role") == "trial":
-            history += [((m.timestamp / 1000 - t0) / 60, m.value) for m in c.get_metric_history(r.info.run_id, "val/acc")]
+            points = c.get_metric_history(r.info.run_id, "val/acc")
+            history += [((m.timestamp / 1000 - t0) / 60, m.value) for m in points]
     res["first_beaten_on_val_min"] = {
         k: (round(min((t for t, v in history if v > x), default=float("nan")), 1), round(x, 4))
         for k, x in thresholds.items()
@@ -166,8 +168,7 @@ def measure(root: Path, task: str, name: str, t0: float) -> dict:
             "trial": b.get("trial_id"),
             "selected_by": b.get("selected_by"),
             "test": b.get("test"),
-            "config": {k: b["config"].get(k) for k in ("optimizer", "lr", "batch_size", "depth", "width",
-                                                       "kernel_size", "image_size", "epochs")},  # fmt: skip
+            "config": {k: b["config"].get(k) for k in SHOWN},
             "command": b.get("command"),
             "flag": b.get("flag"),
         }
@@ -180,10 +181,11 @@ def lines(out: dict) -> list[str]:
     rec = out.get("recommended") or {}
     test = rec.get("test") or {}
     mean, ci = test.get("mean"), test.get("ci95") or [None, None]
+    above = f", interval above {target['ci_above']:.0%}" if "ci_above" in target else ""
     said = [
         f"{out['task']}: exit {out['exit']}, wall {out['wall_min']} min (target <= {target['minutes']})",
         f"  recommended {rec.get('trial')} ({rec.get('selected_by')}): test {test.get('text')} "
-        f"(target >= {target['test']:.0%}{', interval above ' + format(target['ci_above'], '.0%') if 'ci_above' in target else ''})",
+        f"(target >= {target['test']:.0%}{above})",
         f"  config {rec.get('config')}",
         f"  first beaten on val (min from start, threshold): {out['first_beaten_on_val_min']}",
         f"  peak memory: process tree {out['peak_tree_gb']} GB, machine used +{out['peak_used_gb']} GB (target < 8)",

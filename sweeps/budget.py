@@ -253,7 +253,7 @@ def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
         print(
             f"projected at the start: about {duration(total)} for {s.num_samples} search trials"
             f"{' and the baseline' if s.with_baseline else ''}, {concurrency} at a time "
-            "(from the baseline's measured pace; the ETA follows the trials' own)",
+            "(from the measured paces of the reference configuration and the baseline; the ETA follows the trials' own)",
             flush=True,
         )
         if total > LONG_S and gpus == 0:

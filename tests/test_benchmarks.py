@@ -1,8 +1,10 @@
-"""benchmarks/gpu.py: its --quick path on the CPU (the code the device runs), and the sweep facts it assumes."""
+"""benchmarks/gpu.py: its --quick path on the CPU (the code the device runs), and the sweep facts it assumes;
+benchmarks/cpu_sweeps.py: its memory sampling and its verdict."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,27 @@ def test_quick_benchmark_runs_on_the_cpu_without_ray_optuna_or_mlflow(tmp_path: 
     again = json.loads(out.read_text())
     assert again["throughput"] == got["throughput"] and again["packing"] == got["packing"]
     assert again["projection"] == got["projection"]  # the same inputs: the same projection
+
+
+def test_cpu_sweeps_measures_the_process_tree_and_judges_against_the_targets():
+    import subprocess
+    import sys
+
+    from benchmarks.cpu_sweeps import lines, pss_bytes, tree
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        found = tree(os.getpid())
+        assert os.getpid() in found and child.pid in found  # a child (Ray's services, its workers) counts
+        assert pss_bytes(os.getpid()) > 10 * 2**20 and pss_bytes(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+    out = {"task": "catdog", "exit": 0, "wall_min": 55.0, "first_beaten_on_val_min": {}, "outcomes": {}}
+    out |= {"peak_tree_gb": 3.0, "peak_used_gb": 3.2}
+    rec = {"trial": "t1", "selected_by": "confirmation", "config": {}}
+    good = out | {"recommended": rec | {"test": {"mean": 0.91, "ci95": [0.89, 0.93], "text": "91%"}}}
+    assert lines(good)[-1] == "  targets met"
+    wide = out | {"recommended": rec | {"test": {"mean": 0.91, "ci95": [0.87, 0.95], "text": "91%"}}}
+    assert lines(wide)[-1] == "  targets missed"  # its interval reaches below 88%
+    assert lines(good | {"wall_min": 61.0})[-1] == "  targets missed"

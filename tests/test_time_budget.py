@@ -135,3 +135,40 @@ def test_a_long_projection_without_a_gpu_says_how_to_shrink_it(tmp_path, capsys)
     assert "to shrink it" not in out
     journal.close(timeout=0)
     journal2.close(timeout=0)
+
+
+def test_the_baseline_trains_the_epochs_that_fit_a_trials_limit_or_is_left_out(capsys):
+    from sweeps.catdog import SPEC
+    from sweeps.cli import settings
+    from sweeps.driver import fit_baseline
+    from sweeps.flags import build_parser
+
+    s = settings(SPEC, build_parser(SPEC).parse_args(["--num-samples", "8"]))[0]
+    assert s.baseline.epochs == 10 and s.with_baseline  # the seed's 60, capped at --max-epochs
+    limit = 600.0
+    fits = Budget("time", limit, "test", baseline_s=2000.0, baseline_epoch_s=200.0, reference_s=240.0)
+    assert fits.baseline_epochs(10) == 3 and fit_baseline(s, fits).baseline.epochs == 3
+    assert "trains 3 of its 10 epochs (200 s per epoch here)" in capsys.readouterr().out
+    too_long = Budget("time", limit, "test", baseline_s=7000.0, baseline_epoch_s=700.0, reference_s=240.0)
+    left_out = fit_baseline(s, too_long)
+    assert not left_out.with_baseline and "the seed baseline is left out" in capsys.readouterr().out
+    quick = Budget("time", limit, "test", baseline_s=100.0, baseline_epoch_s=10.0, reference_s=240.0)
+    assert fit_baseline(s, quick) is s and capsys.readouterr().out == ""  # all its epochs fit: unchanged
+    epochs_mode = Budget("epochs", None, "", baseline_s=7000.0, baseline_epoch_s=700.0)
+    assert fit_baseline(s, epochs_mode) is s  # no limit, no cut
+
+
+def test_the_limit_follows_the_reference_configuration_not_the_baseline():
+    from types import SimpleNamespace
+
+    from sweeps.budget import TRIAL_FACTOR, plan, reference
+
+    data = _tiny(n=1024, size=16)
+    slow_baseline = TrainConfig(task="cifar10", model="cnn", depth=4, width=32, batch_size=4, epochs=2, image_size=16)
+    ref = TrainConfig(task="cifar10", model="cnn", depth=2, width=8, batch_size=64, epochs=2, image_size=16)
+    b = plan("time", None, (slow_baseline, ref), 200, data, "cpu", 1)
+    assert b.reference_s is not None and b.baseline_s is not None and b.baseline_s > b.reference_s
+    assert b.max_trial_s == pytest.approx(max(60.0, TRIAL_FACTOR * b.reference_s))
+    assert "reference configuration" in b.source and b.baseline_epoch_s == pytest.approx(b.baseline_s / 200)
+    s = SimpleNamespace(base=ref, fixed={"width": 16, "lr": 0.1, "epochs": 3})
+    assert reference(s) == ref.replace(width=16, lr=0.1)  # the searched parameters --fix pins; not epochs

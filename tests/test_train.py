@@ -150,6 +150,35 @@ def test_cuda_bf16_channels_last_trains():
     assert result["status"] == "completed" and result["val/acc"] > 0.8
 
 
+# --- the precision setting ----------------------------------------------------------------------
+
+
+def test_precision_resolves_per_device_and_cpu_and_is_checked(monkeypatch):
+    import cnnclf.train as t
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert t.uses_bf16(small_cfg(), cuda) and not t.uses_bf16(small_cfg(precision="fp32"), cuda)
+    monkeypatch.setattr(t, "cpu_has_bf16", lambda: True)
+    assert t.uses_bf16(small_cfg(), cpu)
+    monkeypatch.setattr(t, "cpu_has_bf16", lambda: False)
+    assert not t.uses_bf16(small_cfg(), cpu) and t.uses_bf16(small_cfg(precision="bf16"), cpu)
+    # the seeds rebuild documented float32 runs; the strong presets and the sweeps' trials take auto
+    assert {n: c.precision for n, c in PRESETS.items() if "seed" in n} == dict.fromkeys(
+        ("cifar10-seed", "cifar10-seed-sgd", "catdog-seed"), "fp32"
+    )
+    assert PRESETS["catdog-strong"].precision == "auto"
+    with pytest.raises(ConfigError, match="precision"):
+        small_cfg(precision="fp16")
+    assert "--precision" in small_cfg(precision="bf16").cli_args()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_on_the_cpu_learns_as_fp32_does_and_says_which_it_used(precision):
+    result = train(small_cfg(epochs=2, precision=precision), synthetic(), device="cpu")
+    assert result["status"] == "completed" and result["precision"] == precision
+    assert result["val/acc"] > 0.8 and math.isfinite(result["test/loss"])  # chance is 0.25
+
+
 # --- the compile setting ------------------------------------------------------------------------
 
 
