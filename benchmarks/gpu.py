@@ -95,7 +95,7 @@ SWEEPS = {
         "train_images": 45_000,
     },
     "catdog": {  # Kaggle's 25,000 labelled photos less 10% test and 10% of the rest for validation
-        "max_t": 10,
+        "max_t": 15,
         "trial": "catdog trial",
         "baseline": "catdog-seed",
         "baseline_row": "catdog-seed",

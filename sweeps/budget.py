@@ -11,8 +11,8 @@ after the same cost. Its last rung and the cost guard's limit are `--max-trial-m
 TRIAL_FACTOR times what the task's reference configuration (its spec's `base`: the middle of the
 search space) would take at the sweep's epochs, measured at the start from its pace on this machine
 (a few hundred steps). The seed baseline is measured the same way: it trains as many of its epochs
-as fit in that limit, and is left out (said on stdout; the report compares with its documented
-figure) when not even one does. Epochs mode is ASHA on epochs, as before, with no guard.
+as fit in the reference's time (a typical trial's), and is left out (said on stdout; the report
+compares with its documented figure) when not even one does. Epochs mode is ASHA on epochs, as before, with no guard.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY
 from sweeps.spec import SEARCH_PARAMS
 
-TRIAL_FACTOR = 2.5  # a trial may train for this many times the reference configuration's time at the sweep's epochs
+TRIAL_FACTOR = 2.0  # a trial may train for this many times the reference configuration's time at the sweep's epochs
 MIN_TRIAL_S = 60.0  # ... but never less than this: the guard is for trials that cost minutes, not seconds
 REDUCTION = 3  # ASHA's reduction factor
 RUNGS = 3  # time mode: rungs at max/9, max/3 and max
@@ -45,11 +45,12 @@ class Budget:
     reference_s: float | None = None  # the reference configuration's training seconds at the sweep's epochs
 
     def baseline_epochs(self, wanted: int) -> int:
-        """How many of its `wanted` epochs the baseline trains: in time mode as many as fit in the limit (0:
-        not one does, it is left out), else all."""
+        """How many of its `wanted` epochs the baseline trains: in time mode as many as fit in a typical
+        trial's time, the reference configuration's (within the limit; 0: not one does, it is left out),
+        else all."""
         if self.mode != "time" or self.max_trial_s is None or not self.baseline_epoch_s:
             return wanted
-        return min(wanted, int(self.max_trial_s / self.baseline_epoch_s))
+        return min(wanted, int(min(self.max_trial_s, self.reference_s or math.inf) / self.baseline_epoch_s))
 
     def asha(self, max_epochs: int, grace_epochs: int) -> dict:
         """ASHA's time_attr, max_t and grace_period for this budget."""
@@ -277,10 +278,14 @@ def baseline_line(s, budget: Budget) -> str | None:
     per_epoch = f"{duration(budget.baseline_epoch_s)} per epoch here"
     if k == 0:
         return (
-            f"the seed baseline is left out: one epoch of it ({per_epoch}) is longer than a trial's limit; "
+            f"the seed baseline is left out: one epoch of it ({per_epoch}) is longer than the reference "
+            "configuration's training; "
             "the report compares with its documented figure"
         )
-    return f"the seed baseline trains {k} of its {s.baseline.epochs} epochs ({per_epoch}): what fits a trial's limit"
+    return (
+        f"the seed baseline trains {k} of its {s.baseline.epochs} epochs ({per_epoch}): what fits in the reference "
+        "configuration's time"
+    )
 
 
 def shrink_hint(s) -> str:

@@ -17,10 +17,10 @@ Search space (Optuna define-by-run; `--fix name=value` pins any of them):
 Fixed unless pinned: model cnn, cosine schedule with 1 warm-up epoch, label smoothing 0.1, crop+flip,
 the training split's own mean/std, bf16 autocast where the device has bf16 units,
 epochs = --max-epochs (default 4). With --budget-by time (the default) a trial may train
-2.5x the time the reference configuration below (width 32, depth 6, 3x3 kernels, batch 64)
+2x the time the reference configuration below (width 32, depth 6, 3x3 kernels, batch 64)
 needs for those epochs here, measured at the start. The seed baseline (tutorial net, Adam
 amsgrad lr 1e-3, batch 4, 2 epochs) runs in the same sweep on the same splits, tagged
-role=baseline.
+role=baseline, for its 2 epochs where they fit in the reference's time.
 """
 
 import sys

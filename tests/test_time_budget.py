@@ -144,12 +144,14 @@ def test_the_baseline_trains_the_epochs_that_fit_a_trials_limit_or_is_left_out(c
     from sweeps.flags import build_parser
 
     s = settings(SPEC, build_parser(SPEC).parse_args(["--num-samples", "8"]))[0]
-    assert s.baseline.epochs == 10 and s.with_baseline  # the seed's 60, capped at --max-epochs
+    assert s.baseline.epochs == 15 and s.with_baseline  # the seed's 60, capped at --max-epochs
     limit = 600.0
-    fits = Budget("time", limit, "test", baseline_s=2000.0, baseline_epoch_s=200.0, reference_s=240.0)
-    assert fits.baseline_epochs(10) == 3 and fit_baseline(s, fits).baseline.epochs == 3
-    assert "trains 3 of its 10 epochs (200 s per epoch here)" in capsys.readouterr().out
-    too_long = Budget("time", limit, "test", baseline_s=7000.0, baseline_epoch_s=700.0, reference_s=240.0)
+    fits = Budget("time", limit, "test", baseline_s=2000.0, baseline_epoch_s=200.0, reference_s=450.0)
+    assert fits.baseline_epochs(15) == 2 and fit_baseline(s, fits).baseline.epochs == 2  # the reference's 450 s
+    assert "trains 2 of its 15 epochs (3.3 min per epoch here)" in capsys.readouterr().out
+    by_hand = Budget("time", 300.0, "--max-trial-minutes", baseline_s=2000.0, baseline_epoch_s=100.0, reference_s=450.0)
+    assert by_hand.baseline_epochs(15) == 3  # a lower limit given by hand caps it too
+    too_long = Budget("time", limit, "test", baseline_s=5000.0, baseline_epoch_s=500.0, reference_s=450.0)
     left_out = fit_baseline(s, too_long)
     assert not left_out.with_baseline and "the seed baseline is left out" in capsys.readouterr().out
     quick = Budget("time", limit, "test", baseline_s=100.0, baseline_epoch_s=10.0, reference_s=240.0)
