@@ -249,12 +249,14 @@ def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
     if budget.reference_s is not None:
         share = asha_fraction(budget, s.scheduler, s.max_epochs, s.grace_period)
         per_trial = (budget.max_trial_s or TRIAL_FACTOR * budget.reference_s) * share
-        baseline_s = (budget.baseline_epoch_s or 0.0) * budget.baseline_epochs(s.baseline.epochs)
-        total = (baseline_s * s.with_baseline + s.num_samples * per_trial) / concurrency
+        baseline_epochs = budget.baseline_epochs(s.baseline.epochs) if s.with_baseline else 0
+        baseline_s = (budget.baseline_epoch_s or 0.0) * baseline_epochs
+        total = (baseline_s + s.num_samples * per_trial) / concurrency
         print(
             f"projected at the start: about {duration(total)} for {s.num_samples} search trials"
-            f"{' and the baseline' if s.with_baseline else ''}, {concurrency} at a time "
-            "(from the measured paces of the reference configuration and the baseline; the ETA follows the trials' own)",
+            f"{' and the baseline' if baseline_epochs else ''}, {concurrency} at a time "
+            "(from the measured paces of the reference configuration and the baseline; the ETA follows the "
+            "trials' own)",
             flush=True,
         )
         if total > LONG_S and gpus == 0:

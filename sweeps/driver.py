@@ -24,7 +24,7 @@ from sweeps import callbacks, resume, runs, warmstart
 from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
 from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
-from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher
+from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
 from sweeps.session import ray_session
 from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
 from sweeps.trainable import TrialSetup, run_trial
@@ -290,7 +290,8 @@ def _search_tuner(phase: int):
             baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
         space = Space(s.ranges, s.fixed, experiment=s.name)
         salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
-        known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt)
+        start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
+        known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
         study = s.out_dir / "optuna.db"
         searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
         scheduler = FIFOScheduler()

@@ -23,7 +23,8 @@ from optuna.samplers import TPESampler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.spec import METRIC, MODE, Ranges
+from cnnclf.config import TrainConfig
+from sweeps.spec import METRIC, MODE, SEARCH_PARAMS, Ranges, applies
 from sweeps.warmstart import SETTINGS_ATTR, WARM_ATTR
 
 _ASKED: dict[str, int] = {}  # experiment name -> number of the Optuna trial its Space was last asked for
@@ -98,9 +99,26 @@ class Known:
     settings: dict = field(default_factory=dict)
     prior: list = field(default_factory=list)  # optuna FrozenTrials (sweeps.warmstart.Priors.trials)
     salt: str = ""
+    start: dict | None = None  # the first search trial's params in a new study without priors (the reference)
 
     def sampler_seed(self, seed: int) -> int:
         return seed if not self.salt else (seed + zlib.crc32(self.salt.encode())) % 2**31
+
+
+def start_params(base: TrainConfig, ranges: Ranges, fixed: dict) -> dict | None:
+    """The searched values of `base` (the task's reference configuration) as the Space suggests them, or None
+    when one lies outside `ranges` (a --smoke-test's narrow ones) or --fix pins another optimizer: the sweep's
+    first search trial."""
+    if fixed.get("optimizer", base.optimizer) != base.optimizer:
+        return None
+    params = {k: getattr(base, k) for k in SEARCH_PARAMS if k not in fixed and applies(k, base.optimizer)}
+    lr = ranges.lr_sgd if base.optimizer == "sgd" else ranges.lr_adam
+    bounds = {"lr": lr, "momentum": ranges.momentum, "weight_decay": ranges.weight_decay, "depth": ranges.depth}
+    choices = {"batch_size": ranges.batch_size, "kernel_size": ranges.kernel_size, "width": ranges.width}
+    for k, v in params.items():
+        if (k in bounds and not bounds[k][0] <= v <= bounds[k][1]) or (k in choices and v not in choices[k]):
+            return None
+    return params
 
 
 class BaselineThenOptuna(Searcher):
@@ -130,6 +148,8 @@ class BaselineThenOptuna(Searcher):
             storage=optuna_storage(study),
         )
         study_now = self.study()
+        if known.start and not known.prior and not study_now.get_trials(deepcopy=False):
+            study_now.enqueue_trial(known.start)  # a new study: the search starts from a known configuration
         if known.prior and not any(WARM_ATTR in t.user_attrs for t in study_now.get_trials(deepcopy=False)):
             study_now.add_trials(known.prior)  # once: a restored study has them already
         self.baseline_trial: str | None = None

@@ -174,3 +174,15 @@ def test_the_limit_follows_the_reference_configuration_not_the_baseline():
     assert "reference configuration" in b.source and b.baseline_epoch_s == pytest.approx(b.baseline_s / 200)
     s = SimpleNamespace(base=ref, fixed={"width": 16, "lr": 0.1, "epochs": 3})
     assert reference(s) == ref.replace(width=16, lr=0.1)  # the searched parameters --fix pins; not epochs
+
+
+def test_the_search_starts_from_the_reference_configuration_where_it_lies_in_the_space():
+    from sweeps.catdog import SPEC
+    from sweeps.searchers import start_params
+
+    start = start_params(SPEC.base, SPEC.ranges, {})
+    assert start == {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64,
+                     "depth": 6, "kernel_size": 3, "width": 16}  # fmt: skip
+    assert "lr" not in start_params(SPEC.base, SPEC.ranges, {"lr": 0.1})  # a pinned value is the Space's, not ours
+    assert start_params(SPEC.base, SPEC.smoke_ranges, {}) is None  # outside a smoke test's narrow ranges
+    assert start_params(SPEC.base, SPEC.ranges, {"optimizer": "adam"}) is None  # lr 0.05 is no Adam start
