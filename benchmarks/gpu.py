@@ -98,7 +98,7 @@ CATDOG_TRIAL = TrainConfig(
 # What the projection assumes of the sweeps (sweeps/cli.py defaults, sweeps/*.py default_max_epochs).
 SWEEPS = {
     "cifar10": {
-        "max_t": 4,
+        "max_t": 5,
         "trial": "cifar10 trial",
         "baseline": "cifar10-seed",
         "baseline_row": "tutorial b4",

@@ -16,7 +16,7 @@ Search space (Optuna define-by-run; `--fix name=value` pins any of them):
     width         {16, 24, 32, 40} channels in the first stage
 Fixed unless pinned: model cnn, cosine schedule with 1 warm-up epoch, label smoothing 0.1,
 Nesterov momentum for SGD, crop+flip, the training split's own mean/std, bf16 autocast where
-the device has bf16 units, epochs = --max-epochs (default 4).
+the device has bf16 units, epochs = --max-epochs (default 5).
 The search's first trial is the reference configuration: width 32, depth 6, 3x3 kernels,
 batch 64, SGD lr 0.05, momentum 0.9, weight decay 5e-4. With --budget-by time (the default)
 a trial may train twice the time the reference needs for those epochs here, measured at the
@@ -58,7 +58,7 @@ SPEC = TaskSpec(
     ranges=Ranges(batch_size=(4, 16, 32, 64, 128, 256, 512), depth=(3, 8), width=(16, 24, 32, 40)),
     smoke_ranges=Ranges.smoke(depth=(2, 3), width=(8, 16)),
     smoke_image_size=32,
-    default_max_epochs=4,
+    default_max_epochs=5,
     doc=__doc__,
 )
 
