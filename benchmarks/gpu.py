@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from cnnclf.config import PRESETS, TrainConfig
+from cnnclf.config import PRESETS, STRONG_SGD, TrainConfig
 from cnnclf.data import TaskData, load_task, stratified_subset
 from cnnclf.train import COMPILE_MODES, resolve_device, train
 from sweeps.budget import expected_fraction  # Ray-free: the device machine has no Ray
@@ -65,12 +65,8 @@ CIFAR10_TRIAL = TrainConfig(
     warmup_epochs=1,
     augment="crop-flip",
     normalize="dataset",
-    label_smoothing=0.1,
-    optimizer="sgd",
+    **STRONG_SGD,
     lr=0.05,
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
     depth=6,
     width=32,
     kernel_size=3,
@@ -84,12 +80,8 @@ CATDOG_TRIAL = TrainConfig(
     warmup_epochs=1,
     augment="resized-crop-flip",
     normalize="imagenet",
-    label_smoothing=0.1,
-    optimizer="sgd",
+    **STRONG_SGD,
     lr=0.05,
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
     depth=6,
     width=16,
     kernel_size=3,

@@ -148,6 +148,10 @@ class TrainConfig:
         return cls().replace(**d)
 
 
+# The optimizer recipe of the strong presets and of the sweeps' reference configurations (sweeps/*.py base):
+# SGD with Nesterov momentum, weight decay and label smoothing; each picks its own lr.
+STRONG_SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1}
+
 # The seeds, as documented (docs/results.md): tutorial net at batch 4 for 2 epochs.
 CIFAR10_SEED = TrainConfig(
     task="cifar10",
