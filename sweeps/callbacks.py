@@ -40,6 +40,9 @@ from sweeps.spec import (
 )
 
 FINISHED_STATUSES = ("TERMINATED", "ERROR")
+Since = tuple[float, float] | None  # (the sweep's first start, time.time(); its best search val/acc so far)
+# What a failure's result (out of memory, too slow) adds to its run: what it cost, the memory left after it.
+FAILURE_METRICS = ("cost/", "resources/gpu_mem_after_mb")
 _ACTIVE: dict[str, MLflowCallback] = {}  # sweep name -> the MLflow writer of the Tuner fitting now
 
 
@@ -156,9 +159,11 @@ class MLflowCallback(tune.Callback):
         j = self.journal
         key = j.key_of(trial.trial_id)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if key not in j.trials or step <= j.trials[key].last_step:
+        failure = bool(result.get("failure"))  # out of memory or too slow: reported once, after its last epoch
+        if key not in j.trials or (step <= j.trials[key].last_step and not failure):
             return  # an epoch already logged (the trial resumed from an older checkpoint)
-        failed = bool(result.get("diverged")) or bool(result.get("failure"))
+        step = max(step, j.trials[key].last_step)
+        failed = bool(result.get("diverged")) or failure
         ts = now_ms()
         metrics = []
         for k, v in result.items():  # `epoch` is the step and `diverged` a tag: neither is logged as a metric
@@ -166,6 +171,8 @@ class MLflowCallback(tune.Callback):
                 continue
             if failed and k in (METRIC, "val/loss", "train/loss"):
                 continue  # stand-in values for Tune and Optuna, not measurements
+            if failure and not k.startswith(FAILURE_METRICS):
+                continue  # the rest was logged with the trial's last epoch
             metrics.append([k, float(v), ts, step])
         tags = [["node_id", result["node_id"]]] if result.get("node_id") else []
         if result.get("diverged"):
@@ -204,21 +211,11 @@ class MLflowCallback(tune.Callback):
         kind = outcome_of(last, trial_config(trial.config, self.base, self.baseline).epochs)
         mlflow_status = "FINISHED" if kind in ("completed", "early_stopped", "too_slow") else "FAILED"
         tags = {"stopped_by": "asha"} if kind == "early_stopped" else {}
-        if kind == "too_slow":  # stopped on purpose: the projection, and what it had cost, on its run
+        if kind == "too_slow":  # stopped on purpose: the projection (its cost/* came with its result)
             tags = {"stopped_by": "cost_guard", "projection": str(last.get("error", ""))[:500]}
-            self._log_cost(trial, last)
         elif last.get("error"):
             tags["error"] = str(last["error"])[:500]
         self._finish(trial, kind, mlflow_status, tags)
-
-    def _log_cost(self, trial, last: dict) -> None:
-        """The cost guard's figures (its result has no epoch of its own: logged at the trial's last step)."""
-        j = self.journal
-        key = j.key_of(trial.trial_id)
-        if key in j.trials:
-            ts, step = now_ms(), j.trials[key].last_step
-            metrics = [[k, float(v), ts, step] for k, v in last.items() if k.startswith("cost/") and finite(v)]
-            j.append("log", key, metrics=metrics)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended.add(trial.trial_id)
@@ -253,17 +250,16 @@ class ProgressCallback(tune.Callback):
     """One line per trial update and a sweep-level count, on stdout; and one overall progress line (trials
     done, best val/acc so far, the ETA) once the first trial reports and whenever a trial ends."""
 
-    def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0) -> None:
+    def __init__(
+        self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0, since: Since = None
+    ) -> None:
         self.total, self.base, self.baseline = total, base, baseline
         self.eta, self.n_train = eta, n_train  # sweeps.budget.Eta
         self._barred = False
         self.done = 0
-        self.best = -math.inf
+        # The sweep's first start (wall clock: across phases and resumes) and its best search val/acc so far.
+        self.started, self.best = since if since is not None else (time.time(), -math.inf)
         self._counted = False
-        self.started = time.monotonic()
-
-    def setup(self, **info) -> None:
-        self.started = time.monotonic()  # this driver's clock, also for callbacks a restore unpickled
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self._counted:  # a resumed sweep starts with its finished trials counted, and their best
@@ -282,7 +278,7 @@ class ProgressCallback(tune.Callback):
         print(f"{self._prefix()} {trial.trial_id} {trial.config.get('role', 'trial'):8s} started{note}", flush=True)
 
     def _prefix(self) -> str:
-        return f"[{self.done}/{self.total} done, {time.monotonic() - self.started:6.0f}s]"
+        return f"[{self.done}/{self.total} done, {time.time() - self.started:6.0f}s]"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         role = trial.config.get("role", "trial")
@@ -327,4 +323,4 @@ class ProgressCallback(tune.Callback):
     def _bar(self, trials) -> None:
         left = self.eta.left_s()
         best = self.best if self.best > -math.inf else None
-        print(f"{self._prefix()} {bar(self.done, self.total, best, left)}", flush=True)
+        print(f"{self._prefix()} {bar(self.done, self.total, best, left, finished=self.eta.done())}", flush=True)

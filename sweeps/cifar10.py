@@ -27,6 +27,7 @@ reference's time.
 
 import sys
 
+import reports
 from cnnclf.config import PRESETS, STRONG_SGD, TrainConfig
 from sweeps.cli import main
 from sweeps.spec import Ranges, TaskSpec
@@ -59,4 +60,4 @@ SPEC = TaskSpec(
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SPEC))
+    sys.exit(main(SPEC, report=reports.write))

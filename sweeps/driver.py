@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 
 from cnnclf.args import UsageError
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
 from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
-from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
+from sweeps.finish import Ending, ReportWriter, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
 from sweeps.session import ray_session
-from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
+from sweeps.spec import MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
 from sweeps.trainable import TrialSetup, run_trial
 from sweeps.warmstart import Priors
 
@@ -73,6 +79,8 @@ class Settings:
     faults: tuple = ()
     params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
     resume_command: str = ""
+    script: str = ""  # the task script, as run (sweeps/cli.py script_of)
+    argv: tuple[str, ...] = ()  # its flags (with --name; without --resume)
 
     @property
     def out_dir(self) -> Path:
@@ -94,13 +102,22 @@ class Sweep:
     priors: Priors | None = None  # --warm-start
     budget: Budget = dataclasses.field(default_factory=lambda: Budget("epochs", None, ""))
     concurrency: int = 1  # trials that run at once (for the ETA)
+    best: float = -math.inf  # the best search val/acc of the phases fitted so far (the progress lines keep it)
+    report: ReportWriter | None = None  # writes the report at the end (the task scripts hand in reports.write)
+
+    def since(self) -> tuple[float, float]:
+        """What a phase's progress lines start from: the sweep's first start and its best val/acc so far."""
+        return float(self.journal.meta.get("started_at") or time.time()), self.best
+
+    def saw(self, rows: list) -> None:
+        measured = [r.val_acc for r in rows if r.role == "trial" and r.outcome in MEASURED and finite(r.val_acc)]
+        self.best = max([self.best, *measured])
 
     @property
     def n_train(self) -> int:
         return len(self.arrays["train_y"])
 
     def trainable(self, experiment_path: str):
-        from ray import tune
 
         s = self.s
         finished = self.journal.finished_trial_ids()
@@ -142,8 +159,7 @@ def resume_record(s: Settings) -> dict:
     return json.loads(json.dumps(record))
 
 
-def run_sweep(s: Settings, data) -> int:
-    import ray
+def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
 
     with ray_session(s):
         journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
@@ -151,7 +167,8 @@ def run_sweep(s: Settings, data) -> int:
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
             meta["settings"] = resume_record(s)
-            meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
+            meta["started_at"] = time.time()  # the progress lines' clock counts from here, across phases and resumes
+            meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, s.script, *s.argv])}
             if priors is not None:
                 path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
                 meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
@@ -169,6 +186,7 @@ def run_sweep(s: Settings, data) -> int:
                 gpus,
                 priors,
                 concurrency=slots(resources, s.cpus_per_trial, gpus, cap),
+                report=report,
             )
             sweep.budget = settle(s, journal, data, gpus, sweep.concurrency)
             sweep.s = fit_baseline(s, sweep.budget)
@@ -213,6 +231,7 @@ def _run(sweep: Sweep, data) -> int:
         if results is None:
             return sweep.interrupted()
         rows += collect(results, s.base, s.baseline)
+        sweep.saw(rows)
         statuses |= st
     close_study(s.out_dir / "optuna.db", s.name)
     done = _confirmed_before(sweep, len(phases))
@@ -231,13 +250,13 @@ def _run(sweep: Sweep, data) -> int:
         rows += collect(cresults, s.base, s.baseline)
         statuses = {**statuses, **cstatuses}
     runs.close_orphans(sweep.journal, interrupted=False)
-    summary = finish(rows, statuses, sweep.journal, data, Ending(s.out_dir, s.mlflow_wait, s.register_model))
+    ending = Ending(s.out_dir, s.mlflow_wait, s.register_model, sweep.report)
+    summary = finish(rows, statuses, sweep.journal, data, ending)
     return _exit_code(sweep, summary)
 
 
 def _confirmed_before(sweep: Sweep, phases: int) -> list:
     """The confirmation runs of the sweep before it was extended (their Tuners' saved results)."""
-    from ray import tune
 
     s, rows = sweep.s, []
     for k in range(1, phases):
@@ -282,7 +301,6 @@ def _search_tuner(phase: int):
     """A new Tuner for search `phase` (0: the sweep's first, with the baseline; then its extensions)."""
 
     def new_tuner(sweep: Sweep, path: str, total: int):
-        from ray.tune.schedulers import FIFOScheduler
 
         s = sweep.s
         baseline = None
@@ -298,7 +316,8 @@ def _search_tuner(phase: int):
         if s.scheduler == "asha":
             rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
             scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
-        return _tuner(sweep, path, total, searcher, scheduler)
+        # The search's ETA counts the confirmation to come: --confirm seeds of --confirm-top configurations.
+        return _tuner(sweep, path, total, searcher, scheduler, s.confirm * s.confirm_top)
 
     return new_tuner
 
@@ -310,16 +329,16 @@ def _confirm_tuner(configs: list[dict]):
     return new_tuner
 
 
-def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
-    from ray import tune
+def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler, later: int = 0):
+    """A Tuner of `total` trials; `later`: the runs of the phases after it (for the ETA)."""
 
     s = sweep.s
     mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
     b = sweep.budget
     fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
     guess = b.max_trial_s or (TRIAL_FACTOR * b.reference_s if b.reference_s else None)  # before a trial's pace
-    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess)
-    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train)
+    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess, later)
+    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train, sweep.since())
     return tune.Tuner(
         sweep.trainable(path),
         tune_config=tune.TuneConfig(
@@ -345,7 +364,7 @@ def _exit_code(sweep: Sweep, summary: dict) -> int:
     s, journal = sweep.s, sweep.journal
     left = journal.close(timeout=s.mlflow_wait)
     if left:
-        sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", s.name, "--out", str(s.out)])
+        sync_cmd = shlex.join([sys.executable, s.script, "--sync", "--name", s.name, "--out", str(s.out)])
         print(
             f"{s.spec.task} sweep: error: MLflow at {s.tracking_uri} stayed unreachable; {left} writes are "
             f"kept in {journal.folder}. Once it is back: {sync_cmd}",

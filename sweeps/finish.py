@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cnnclf.config import TrainConfig
+from cnnclf.data import Normalizer
+from cnnclf.train import load_model
+from sweeps import logged_model
 from sweeps.journal import SWEEP_KEY
 from sweeps.runs import close_parent, describe_parent, log_summary
 from sweeps.spec import (
@@ -146,10 +151,6 @@ def _fmt(r: Row) -> str:
 
 def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int = 0) -> dict:
     """The best model's predictions on n seeded-random test images (for the report's grid)."""
-    import torch
-
-    from cnnclf.data import Normalizer
-    from cnnclf.train import load_model
 
     model, _, meta = load_model(checkpoint, "cpu")
     g = torch.Generator().manual_seed(seed)
@@ -166,6 +167,10 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
+# (tracking URI, experiment, sweep names, out folder) -> the files written (report.md first, then report.html)
+ReportWriter = Callable[[str, str, list[str], Path], list]
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a sweep ends: where its files go and what it tells MLflow."""
@@ -173,6 +178,7 @@ class Ending:
     out_dir: Path
     wait: float = 60.0  # seconds to wait for an unreachable MLflow server before leaving writes spooled
     register_model: str | None = None  # --register-model
+    report: ReportWriter | None = None  # writes report.md/html (None: no report)
 
 
 def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
@@ -206,7 +212,7 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
         log_model(journal, end.out_dir / "best_model.pt", data, best["trial_id"], end.register_model, source)
     journal.append("meta", data={"finished": True})
     if journal.flush(timeout=end.wait):  # the report reads what was just logged
-        write_report(journal, end.out_dir)
+        write_report(journal, end.out_dir, end.report)
         print_model(journal, end.register_model)
         run, table, serve = ui_urls(journal.tracking_uri, journal.experiment_id, journal.run_ids[SWEEP_KEY])
         print(f"MLflow: this sweep {run}\nMLflow: all runs of {journal.experiment} {table}", flush=True)
@@ -366,9 +372,8 @@ def log_model(journal, checkpoint: Path, data, trial_id: str, register: str | No
     """Journal the best checkpoint as an MLflow pyfunc model (sweeps/model.py) on the parent run, registered
     under `register` (--register-model) when given. best_model.pt stays an artifact of its own as well."""
     try:
-        from sweeps import model
-
-        op = model.journal_op(checkpoint, data.test_x, checkpoint.parent, journal.sweep, trial_id, register, source)
+        where = (checkpoint, data.test_x, checkpoint.parent)
+        op = logged_model.journal_op(*where, journal.sweep, trial_id, register, source)
     except Exception as e:
         print(f"warning: the best model cannot be logged as an MLflow model: {type(e).__name__}: {e}", file=sys.stderr)
         return
@@ -385,14 +390,13 @@ def print_model(journal, register: str | None) -> None:
         print(f"MLflow: registered as models:/{register}/{journal.registered[register]}", flush=True)
 
 
-def write_report(journal, out_dir: Path) -> list[Path]:
-    """Write the report (reports package) from MLflow, and journal its files onto the parent run."""
-    try:
-        from reports import build_report
-    except ImportError:
+def write_report(journal, out_dir: Path, report: ReportWriter | None) -> list[Path]:
+    """Write the report with `report` (the task scripts hand in `reports.write`: no sweeps module imports
+    reports) from MLflow, and journal its files onto the parent run. A failure is said in one line."""
+    if report is None:
         return []
     try:
-        written = [Path(p) for p in build_report(journal.tracking_uri, journal.experiment, [journal.sweep], out_dir)]
+        written = [Path(p) for p in report(journal.tracking_uri, journal.experiment, [journal.sweep], out_dir)]
     except Exception as e:
         print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
         return []

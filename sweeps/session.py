@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import warnings
+
+import optuna
+import ray
 
 from cnnclf.args import UsageError, first_line
 
@@ -18,8 +22,6 @@ EXIT_USAGE = 2
 def ray_session(s):
     """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
     at the end. SIGTERM then takes Ctrl-C's path."""
-    import optuna
-    import ray
 
     # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -75,7 +77,6 @@ def _deadline(seconds: float | None, task: str, address: str | None):
 def sigterm_as_sigint() -> None:
     """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
     runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
-    import signal
 
     def handler(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -8,8 +8,10 @@ but tensors and plain types is ignored, never run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -18,7 +20,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+import torch
+from ray import tune
+
 from cnnclf.config import TrainConfig
+from cnnclf.data import TaskData
+from cnnclf.train import CheckpointError, load_checkpoint, save_checkpoint, train
 from sweeps.faults import fire
 from sweeps.spec import METRIC, trial_config
 
@@ -48,9 +56,6 @@ class TooSlow(Exception):
 
 def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     """`data`: TaskData's fields as arrays, in the Ray object store once and shared by a node's trials."""
-    import ray
-    import torch
-    from ray import tune
 
     cfg = trial_config(config, setup.base, setup.baseline)
     ctx = ray.get_runtime_context()
@@ -73,7 +78,10 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     if found is not None and (found[1]["epoch"] >= cfg.epochs or ended) and METRIC in found[1]:
         return  # the trial had ended before the driver went down; it is not trained twice
 
+    trained = [found[1].get("epoch", 0) if found else 0]  # the last epoch trained (a failure's result says it)
+
     def report(epoch: int, metrics: dict, save) -> None:
+        trained[0] = epoch
         m = {**metrics, **extra, **system_metrics(device), **device_seconds(metrics, extra)}
         fire(list(setup.faults), "epoch_end", config, epoch)
         if m.get("diverged"):
@@ -94,8 +102,7 @@ def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
     probe = cost_guard(config, setup) if config.get("role", "trial") == "trial" else None  # never the baseline
     failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0], probe=probe)
     if failure is not None:
-        last = found[1].get("epoch", 0) if found else 0
-        tune.report({"epoch": last, METRIC: 0.0, **failure, **extra, **device_seconds(failure, extra)})
+        tune.report({"epoch": trained[0], METRIC: 0.0, **failure, **extra, **device_seconds(failure, extra)})
 
 
 def cost_guard(config: dict, setup: TrialSetup):
@@ -129,9 +136,6 @@ def system_metrics(device: str) -> dict:
     """This trial's own figures (the driver's system metrics would measure the wrong process): peak
     memory in MiB (the device's allocator on CUDA, else the worker's peak resident set, which a reused
     actor carries over from its earlier trials) and, where NVML is there, GPU utilization in percent."""
-    import resource
-
-    import torch
 
     if device == "cuda":
         out = {"system/peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
@@ -142,9 +146,6 @@ def system_metrics(device: str) -> dict:
 
 
 def _task_data(arrays: dict):
-    import torch
-
-    from cnnclf.data import TaskData
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; nothing writes to them
@@ -159,7 +160,6 @@ def _resume_point(config: dict, own_folder: Path | None, extra: dict) -> tuple[d
     so nothing they measured is lost (the MLflow writer skips epochs it has logged); the newest goes
     with its checkpoint, so Tune knows it from now on.
     """
-    from ray import tune
 
     folders = [Path(d) for d in (config.get("adopt") or {}).get("dirs", [])]
     if own_folder is not None:
@@ -194,11 +194,6 @@ def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None, probe
     the result is the worst score for Optuna, so TPE learns. Returns None when training ran.
     The cost guard's verdict (TooSlow) is a recorded outcome too: `too_slow`, with the projection.
     """
-    import gc
-
-    import torch
-
-    from cnnclf.train import train
 
     try:
         train(cfg, data, report, device=device, resume=resume, probe=probe)
@@ -243,7 +238,6 @@ def prune_checkpoints(folder: Path, now: float | None = None) -> list[Path]:
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
     """(state, metrics) of a checkpoint folder, or None when it is incomplete, unreadable or not ours."""
-    from cnnclf.train import CheckpointError, load_checkpoint
 
     try:
         metrics = json.loads((folder / METRICS_FILE).read_text())
@@ -270,7 +264,6 @@ def checkpoint_dirs(folders: list[Path]) -> dict[int, Path]:
 
 
 def write_checkpoint_dir(folder: Path, state: dict, metrics: dict) -> None:
-    from cnnclf.train import save_checkpoint
 
     save_checkpoint(state, folder / CHECKPOINT_FILE)
     (folder / METRICS_FILE).write_text(json.dumps(metrics))

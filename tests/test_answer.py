@@ -307,3 +307,32 @@ def test_the_reproduce_command_gives_the_recorded_accuracy(smoke_sweep):
     assert out["data"]["digest"] == best["data"]["digest"]  # the same images
     assert out["test/acc"] == pytest.approx(best["command_gives"]["test/acc"], abs=0.005)
     assert out["val/acc"] == pytest.approx(best["command_gives"]["val/acc"], abs=0.005)
+
+
+def test_the_resume_command_repeats_the_flags_main_was_given_not_sys_argv(monkeypatch):
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import settings
+    from sweeps.flags import build_parser
+
+    monkeypatch.setattr("sys.argv", ["pytest", "-x", "--not-a-sweep-flag"])
+    argv = ["--num-samples", "3", "--max-epochs", "2", "--name", "given"]
+    s = settings(SPEC, build_parser(SPEC).parse_args(argv), argv)[0]
+    assert s.resume_command.endswith("--num-samples 3 --max-epochs 2 --name given --resume")
+    assert "sweeps/cifar10.py" in s.resume_command and "--not-a-sweep-flag" not in s.resume_command
+    assert s.argv == tuple(argv) and s.script.endswith("cifar10.py")
+
+
+def test_a_report_that_cannot_be_written_is_one_warning_line_and_none_is_not_a_silent_import(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from sweeps.finish import write_report
+
+    journal = SimpleNamespace(tracking_uri="sqlite:///x.db", experiment="cifar10", sweep="s")
+
+    def broken(*args):
+        raise ValueError("no runs of sweep s")
+
+    assert write_report(journal, tmp_path, broken) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: the report could not be written: ValueError: no runs of sweep s"]
+    assert write_report(journal, tmp_path, None) == []  # no writer given (a library caller): nothing to write

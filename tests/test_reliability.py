@@ -286,6 +286,7 @@ def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
     oom = [c for c in runs if c.data.tags["status"] == "oom"]
     assert len(oom) == 1 and oom[0].info.status == "FAILED" and "OutOfMemoryError" in oom[0].data.tags["error"]
     assert oom[0].data.tags.get("retries") is None  # not retried: it would run out of memory again
+    assert oom[0].data.metrics["resources/gpu_mem_after_mb"] == 0.0  # the failure's own result reached MLflow
     later = [c for c in runs if c.info.start_time > oom[0].info.end_time]
     assert later and all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in later)
     trials = study(tmp_path, "oom").trials
