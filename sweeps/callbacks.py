@@ -34,6 +34,7 @@ from sweeps.spec import (
     Run,
     applies,
     chance_flag,
+    error_outcome,
     finite,
     outcome_of,
     trial_config,
@@ -226,7 +227,7 @@ class MLflowCallback(tune.Callback):
         tags = {"error": msg} if msg else {}
         tags["attempts"] = str(trial.num_failures)  # every attempt failed: the first and its retries
         tags["retries"] = str(max(0, trial.num_failures - 1))
-        self._finish(trial, "error", "FAILED", tags)
+        self._finish(trial, error_outcome(msg), "FAILED", tags)  # oom when Ray killed its worker for memory
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         key = self.journal.key_of(trial.trial_id)

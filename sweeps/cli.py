@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import math
 import os
 import shlex
@@ -37,6 +36,7 @@ from sweeps.driver import (
 from sweeps.finish import ReportWriter, write_report
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.journal import Journal, read_meta
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, log_to_file
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
 
@@ -52,6 +52,9 @@ def main(spec: TaskSpec, argv: list[str] | None = None, report: ReportWriter | N
     except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
         print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SweepFailed as e:  # the traceback is in the sweep's log file
+        print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:  # a disk that filled up or went read-only mid-sweep: one line, not a traceback
         e = disk_error(error)  # Tune wraps what its callbacks raise into a TuneError
         if e is None:
@@ -63,16 +66,6 @@ def main(spec: TaskSpec, argv: list[str] | None = None, report: ReportWriter | N
             file=sys.stderr,
         )
         return EXIT_FAILED
-
-
-def disk_error(e: BaseException | None) -> OSError | None:
-    """The full or read-only disk behind an exception, following its causes; None when there is none."""
-    seen = 0
-    while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
 
 
 def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
@@ -95,6 +88,8 @@ def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
         flush=True,
     )
     s = claim(s, args)  # before the sweep writes anything: one driver per name, and a resume is the same sweep
+    log = log_to_file(s.out_dir / LOG_NAME)
+    print(f"logs: {log} (Ray's, Tune's and MLflow's own messages, and any traceback)", flush=True)
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
     return run_sweep(s, data, report)

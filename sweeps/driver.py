@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shlex
 import sys
@@ -24,15 +25,15 @@ import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from cnnclf.args import UsageError
+from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
 from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
 from sweeps.finish import Ending, ReportWriter, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
-from sweeps.session import ray_session
-from sweeps.spec import MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
+from sweeps.spec import FAILED, MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
 from sweeps.trainable import TrialSetup, run_trial
 from sweeps.warmstart import Priors
 
@@ -194,15 +195,24 @@ def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
                 return _run(sweep, data)
             except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
                 return sweep.interrupted()
-            except BaseException:
+            except BaseException as e:
                 try:
                     runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
                     journal.close(timeout=min(s.mlflow_wait, 10.0))
                 except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
                     runs.close_directly(journal)
-                raise
+                if not isinstance(e, Exception) or disk_error(e) is not None:
+                    raise
+                raise failed(s, e) from e
         finally:
             journal.close(timeout=0)
+
+
+def failed(s: Settings, e: Exception) -> SweepFailed:
+    """An unexpected error as one line (its traceback goes to the sweep's log file) with the resume command."""
+    log = s.out_dir / LOG_NAME
+    logging.getLogger("sweeps").error("the sweep stopped", exc_info=e)
+    return SweepFailed(f"{type(e).__name__}: {first_line(e)} (traceback in {log}); resume with: {s.resume_command}")
 
 
 def fit_baseline(s: Settings, budget: Budget) -> Settings:
@@ -374,7 +384,17 @@ def _exit_code(sweep: Sweep, summary: dict) -> int:
     if journal.rejected:
         print(f"{s.spec.task} sweep: error: MLflow refused {journal.rejected} writes; see {journal.rejected_path}")
         return EXIT_FAILED
-    return EXIT_FAILED if summary["failed"] else EXIT_OK
+    if summary["failed"]:
+        trial, outcome, error = summary["failures"][0]
+        counts = ", ".join(f"{sum(f[1] == k for f in summary['failures'])} {k}" for k in FAILED)
+        print(
+            f"{s.spec.task} sweep: error: {summary['failed']} run(s) failed ({counts}); the first, {trial}: "
+            f"{outcome}: {error or 'no message'} (details in {s.out_dir / LOG_NAME}); to run them again: "
+            f"{s.resume_command}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _shared_arrays(s: Settings, data) -> dict:

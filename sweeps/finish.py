@@ -54,30 +54,46 @@ class Row:
     def metrics(self) -> dict:
         return getattr(self.result, "metrics", None) or {}
 
+    def error_line(self) -> str:
+        """What it failed with, in one line (its recorded error, or the exception Tune kept)."""
+        error = self.metrics.get("error") or getattr(self.result, "error", None) or ""
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        return " ".join(text.split())[:300]
+
     def as_run(self) -> Run:
         """What sweeps.spec.answer needs of this row (its val/acc and test/acc as collected)."""
         m = {**self.metrics, METRIC: self.val_acc, "test/acc": self.test_acc}
         return Run.of(self.trial_id, self.role, self.outcome, m, confirm_of=self.confirm_of, seed=self.cfg.seed)
 
 
+def started_config(path: object) -> dict:
+    """A trial's config from its folder's params.json, for a result without one (its worker died while the
+    trial's actor started); {} when that is missing too: the row is then a search trial of the base config."""
+    try:
+        return dict(json.loads((Path(str(path)) / "params.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        cfg = config_of(r.config, base, baseline)
-        outcome = outcome_of(m, cfg.epochs, errored=r.error is not None)
+        config = r.config if r.config is not None else started_config(r.path)
+        cfg = config_of(config, base, baseline)
+        outcome = outcome_of(m, cfg.epochs, errored=r.error)
         ok = outcome in ("completed", "early_stopped")
         rows.append(
             Row(
                 trial_id=m.get("trial_id") or Path(str(r.path)).name.split("-")[-1],
-                role=r.config.get("role", "trial"),
+                role=config.get("role", "trial"),
                 outcome=outcome,
                 cfg=cfg,
                 val_acc=m.get(METRIC) if ok and finite(m.get(METRIC)) else None,
                 test_acc=m.get("test/acc") if ok and finite(m.get("test/acc")) else None,
                 epochs=m.get("epoch"),
                 result=r,
-                confirm_of=r.config.get("confirm_of"),
+                confirm_of=config.get("confirm_of"),
             )
         )
     return rows
@@ -200,6 +216,7 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     summary = {
         "outcomes": outcomes,
         "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
+        "failures": [[r.trial_id, r.outcome, r.error_line()] for r in rows if r.outcome in FAILED],
         "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
         "baseline_test_acc": base_row.test_acc if base_row else None,
         "confirmation": confirm,

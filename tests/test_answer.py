@@ -336,3 +336,24 @@ def test_a_report_that_cannot_be_written_is_one_warning_line_and_none_is_not_a_s
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: the report could not be written: ValueError: no runs of sweep s"]
     assert write_report(journal, tmp_path, None) == []  # no writer given (a library caller): nothing to write
+
+
+def test_a_trial_whose_worker_died_is_a_recorded_failure_oom_when_killed_for_memory(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from sweeps.cifar10 import SPEC
+    from sweeps.finish import collect
+    from sweeps.spec import error_outcome
+
+    ray_oom = "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    assert error_outcome(ray_oom) == "oom" and error_outcome(RuntimeError("boom")) == "error"
+    # Ray's memory monitor killed the worker while the trial's actor started: Tune's Result has no config.
+    folder = tmp_path / "trial-abc12345"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"role": "trial", "lr": 0.01, "optimizer": "sgd"}))
+    killed = SimpleNamespace(metrics={}, config=None, path=str(folder), error=RuntimeError(ray_oom))
+    lost = SimpleNamespace(metrics={}, config=None, path=str(tmp_path / "trial-gone0000"), error=RuntimeError("x"))
+    rows = collect([killed, lost], SPEC.base, SPEC.baseline)
+    assert [(r.trial_id, r.outcome, r.role) for r in rows] == [("abc12345", "oom", "trial"), ("gone0000", "error", "trial")]
+    assert rows[0].cfg.lr == 0.01 and "running low on memory" in rows[0].error_line()
