@@ -355,5 +355,6 @@ def test_a_trial_whose_worker_died_is_a_recorded_failure_oom_when_killed_for_mem
     killed = SimpleNamespace(metrics={}, config=None, path=str(folder), error=RuntimeError(ray_oom))
     lost = SimpleNamespace(metrics={}, config=None, path=str(tmp_path / "trial-gone0000"), error=RuntimeError("x"))
     rows = collect([killed, lost], SPEC.base, SPEC.baseline)
-    assert [(r.trial_id, r.outcome, r.role) for r in rows] == [("abc12345", "oom", "trial"), ("gone0000", "error", "trial")]
+    got = [(r.trial_id, r.outcome, r.role) for r in rows]
+    assert got == [("abc12345", "oom", "trial"), ("gone0000", "error", "trial")]
     assert rows[0].cfg.lr == 0.01 and "running low on memory" in rows[0].error_line()
