@@ -140,7 +140,7 @@ class MLflowCallback(tune.Callback):
             name=f"{role}-{trial.trial_id}",
             ts=now_ms(),
             trial_id=trial.trial_id,
-            experiment=getattr(self, "tune_name", ""),  # a callback pickled by an older version has none
+            experiment=self.tune_name,
             config=_plain(trial.config),
             tags={
                 "sweep": self.sweep,
@@ -296,7 +296,7 @@ class ProgressCallback(tune.Callback):
             f"{result.get('throughput/train_img_s', 0):7.0f} img/s" + ("  DIVERGED" if result.get("diverged") else ""),
             flush=True,
         )
-        eta = getattr(self, "eta", None)  # a callback pickled by an older version has none
+        eta = self.eta
         if eta is not None:
             eta.seen(trial.trial_id, self.n_train * planned, result, search=role == "trial")
             if not self._barred:
@@ -317,7 +317,7 @@ class ProgressCallback(tune.Callback):
         self._ended(trial, trials)
 
     def _ended(self, trial, trials) -> None:
-        if getattr(self, "eta", None) is not None:
+        if self.eta is not None:
             self.eta.end(trial.trial_id)
             self._bar(trials)
 

@@ -28,6 +28,7 @@ from sweeps.driver import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    STATE_FORMAT,
     Settings,
     UsageError,
     resume_record,
@@ -274,6 +275,12 @@ def same_sweep(s: Settings, args: argparse.Namespace, meta: dict) -> Settings:
     was = meta.get("settings") or {k: meta[k] for k in ("task", "experiment", "tracking_uri") if k in meta}
     if not was:
         return s
+    if was.get("format") != STATE_FORMAT:
+        raise UsageError(
+            f"argument --resume: sweep {s.name!r} was saved by another version of this project (state format "
+            f"{was.get('format', 1)}; this one reads {STATE_FORMAT}) and cannot be resumed; run it again under "
+            "a new --name"
+        )
     if args.confirm is None and args.confirm_top is None and "confirm" in was:  # defaults: keep the sweep's
         s = dataclasses.replace(s, confirm=was["confirm"], confirm_top=was["confirm_top"])
     now = resume_record(s)

@@ -138,6 +138,11 @@ class Sweep:
         return EXIT_INTERRUPTED
 
 
+# The version of what a sweep saves for --resume (Tune's pickled callbacks and searchers, the journal): a sweep
+# saved under another one is refused with one line (sweeps/cli.py same_sweep), never unpickled half-fitting.
+STATE_FORMAT = 2
+
+
 def resume_record(s: Settings) -> dict:
     """What a resumed sweep must share with the sweep it continues (sweeps/cli.py `same_sweep`): the flags that
     shape its results, as plain JSON. Kept in the journal's meta at the sweep's start."""
@@ -156,6 +161,7 @@ def resume_record(s: Settings) -> dict:
         "no_baseline": not s.with_baseline,
         "warm_start": list(s.warm_start),
         "trial": s.trial_settings,
+        "format": STATE_FORMAT,
     }
     return json.loads(json.dumps(record))
 

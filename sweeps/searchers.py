@@ -126,10 +126,6 @@ class BaselineThenOptuna(Searcher):
     search space), then delegates to OptunaSearch. An errored trial is told to Optuna as FAIL,
     not as COMPLETE with its last value; every told trial carries a `status` user attribute."""
 
-    # Class defaults for searchers pickled before these attributes existed (a sweep resumed across versions).
-    tune_name: str | None = None
-    settings: dict = {}  # noqa: RUF012 (never mutated; instances assign their own)
-
     def __init__(
         self, space: Space, baseline: dict | None, seed: int, study: Path, known: Known | None = None, tune_name=None
     ) -> None:

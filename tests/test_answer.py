@@ -358,3 +358,18 @@ def test_a_trial_whose_worker_died_is_a_recorded_failure_oom_when_killed_for_mem
     got = [(r.trial_id, r.outcome, r.role) for r in rows]
     assert got == [("abc12345", "oom", "trial"), ("gone0000", "error", "trial")]
     assert rows[0].cfg.lr == 0.01 and "running low on memory" in rows[0].error_line()
+
+
+def test_a_sweep_saved_by_another_version_is_refused_in_one_line():
+    from cnnclf.args import UsageError
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import same_sweep, settings
+    from sweeps.driver import resume_record
+    from sweeps.flags import build_parser
+
+    args = build_parser(SPEC).parse_args(["--num-samples", "4", "--name", "old", "--resume"])
+    s = settings(SPEC, args)[0]
+    assert same_sweep(s, args, {"settings": resume_record(s)}) == s
+    older = {k: v for k, v in resume_record(s).items() if k != "format"}  # before the format was recorded
+    with pytest.raises(UsageError, match=r"sweep 'old' was saved by another version .*state format 1; this one reads"):
+        same_sweep(s, args, {"settings": older})
