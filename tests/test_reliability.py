@@ -527,3 +527,38 @@ def test_interrupt_while_the_last_trials_run_saves_state_and_resumes(tmp_path, c
     assert parents[0].info.status == "FINISHED" and len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["status"] == "completed"  # not early_stopped: it ran all 3 epochs
     assert steps(client, runs[0].info.run_id, "val/acc") == [1, 2, 3]
+
+
+# --- Ray's memory monitor kills the trials' workers ---------------------------------------------
+
+
+def test_ray_killing_every_worker_for_memory_is_one_line_every_trial_recorded_then_resume_completes(
+    tmp_path, cifar_dir
+):
+    """Ray's memory monitor, set to act at 5% of the node's memory, kills every trial worker as it starts
+    (as it does on a busy machine). Each trial is retried (--max-failures 1) and then recorded as oom: no
+    traceback on the console, one line with the cause and the resume command, nothing left RUNNING. The same
+    command with --resume, without the low threshold, completes the sweep."""
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "1", "--max-failures", "1", "--seed", "0",
+        *SMALL, *paths(tmp_path, "memkill"),
+    ]  # fmt: skip
+    e = {**env(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "50"}
+    r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=420,
+                       cwd=tmp_path, env=e)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "oom" in errors[0] and "--resume" in errors[0], r.stderr[-2000:]
+    assert (tmp_path / "out" / "memkill" / "sweep.log").read_text().count("Traceback") >= 1  # kept, in the log
+    _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "memkill")
+    assert all(c.info.status != "RUNNING" for c in [*parents, *runs])
+    assert {c.data.tags.get("status") for c in runs if c.data.tags.get("role") == "trial"} <= {"oom", "error"}
+    summary = json.loads((tmp_path / "out" / "memkill" / "summary.json").read_text())
+    assert summary["outcomes"]["oom"] + summary["outcomes"]["error"] == 3  # 2 trials and the baseline
+    again = run(tmp_path, [*args, "--resume"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "memkill")
+    done = [c for c in runs if c.data.tags.get("status") == "completed"]
+    assert len(done) == 3 and all("test/acc" in c.data.metrics for c in done)
