@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Result
 from ray.tune.experiment import Trial
 
+import reports
 from cnnclf.config import PRESETS, TrainConfig
 from cnnclf.data import load_task
 from sweeps import stats, store
@@ -75,7 +76,7 @@ class FakeSweep:
         data = load_task("cifar10", write_cifar_folders(self.tmp / "cifar", 8, 2), download_missing=False)
         rows = collect(self.results, BASE, BASELINE)
         statuses = {r.metrics["trial_id"]: "TERMINATED" for r in self.results}
-        summary = finish(rows, statuses, self.journal, data, Ending(self.out, wait=60.0))
+        summary = finish(rows, statuses, self.journal, data, Ending(self.out, wait=60.0, report=reports.write))
         self.journal.close(timeout=30)
         return summary
 
