@@ -368,7 +368,7 @@ def test_a_sweep_saved_by_another_version_is_refused_in_one_line():
     from sweeps.driver import resume_record
     from sweeps.flags import build_parser
 
-    args = build_parser(SPEC).parse_args(["--num-samples", "4", "--name", "old", "--resume"])
+    args = build_parser(SPEC).parse_args(["--num-samples", "4", "--name", "old"])
     s = settings(SPEC, args)[0]
     assert same_sweep(s, args, {"settings": resume_record(s)}) == s
     older = {k: v for k, v in resume_record(s).items() if k != "format"}  # before the format was recorded
