@@ -275,7 +275,8 @@ def test_trial_that_always_raises_fails_everywhere_and_the_rest_goes_on(tmp_path
 
 
 def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
-    faults = [{"kind": "oom", "at": "epoch_end", "epoch": 1, "match": {"batch_size": [">=", 64]}}]
+    # The reference configuration, the search's first trial, is the only one with lr exactly 0.05.
+    faults = [{"kind": "oom", "at": "epoch_end", "epoch": 1, "match": {"lr": 0.05}}]
     args = [
         "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "1", "--max-concurrent", "1",
         "--no-baseline", "--seed", "0", *SMALL, *paths(tmp_path, "oom"),
