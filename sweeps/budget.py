@@ -50,7 +50,8 @@ class Budget:
         else all."""
         if self.mode != "time" or self.max_trial_s is None or not self.baseline_epoch_s:
             return wanted
-        return min(wanted, int(min(self.max_trial_s, self.reference_s or math.inf) / self.baseline_epoch_s))
+        typical = max(self.reference_s or math.inf, MIN_TRIAL_S)  # a smoke test's reference takes a second
+        return min(wanted, int(min(self.max_trial_s, typical) / self.baseline_epoch_s))
 
     def asha(self, max_epochs: int, grace_epochs: int) -> dict:
         """ASHA's time_attr, max_t and grace_period for this budget."""
