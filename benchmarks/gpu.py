@@ -49,44 +49,16 @@ from pathlib import Path
 
 import torch
 
-from cnnclf.config import PRESETS, STRONG_SGD, TrainConfig
+from cnnclf.config import PRESETS, SWEEP_BASES, TrainConfig
 from cnnclf.data import TaskData, load_task, stratified_subset
 from cnnclf.train import COMPILE_MODES, resolve_device, train
 from sweeps.budget import expected_fraction  # Ray-free: the device machine has no Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The sweeps' base trial configs (sweeps/cifar10.py and sweeps/catdog.py SPEC.base, mirrored here
-# because importing sweeps/ imports Ray; tests/test_benchmarks.py checks that they agree).
-CIFAR10_TRIAL = TrainConfig(
-    task="cifar10",
-    model="cnn",
-    schedule="cosine",
-    warmup_epochs=1,
-    augment="crop-flip",
-    normalize="dataset",
-    **STRONG_SGD,
-    lr=0.05,
-    depth=6,
-    width=32,
-    kernel_size=3,
-    batch_size=64,
-)
-CATDOG_TRIAL = TrainConfig(
-    task="catdog",
-    model="cnn",
-    image_size=64,
-    schedule="cosine",
-    warmup_epochs=1,
-    augment="resized-crop-flip",
-    normalize="imagenet",
-    **STRONG_SGD,
-    lr=0.05,
-    depth=6,
-    width=16,
-    kernel_size=3,
-    batch_size=64,
-)
+# The sweeps' base trial configs (sweeps/*.py SPEC.base: declared in cnnclf/config.py, since importing
+# sweeps/ imports Ray).
+CIFAR10_TRIAL, CATDOG_TRIAL = SWEEP_BASES["cifar10"], SWEEP_BASES["catdog"]
 # What the projection assumes of the sweeps (sweeps/cli.py defaults, sweeps/*.py default_max_epochs).
 SWEEPS = {
     "cifar10": {

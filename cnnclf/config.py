@@ -230,6 +230,21 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 
+# The sweeps' reference configurations (sweeps/*.py SPEC.base, and benchmarks/gpu.py, which cannot import
+# sweeps/ since it imports Ray): every search trial is one of these with the searched fields replaced; the
+# searched fields' values here are the search's first trial, and its measured pace sets the time limit. The
+# optimizer is the strong presets' (docs/results.md: 91.0% Cat/Dog test at 16 epochs of width 16 at 64 px).
+SWEEP_BASES = {
+    "cifar10": TrainConfig(
+        task="cifar10", model="cnn", schedule="cosine", warmup_epochs=1, augment="crop-flip", normalize="dataset",
+        **STRONG_SGD, lr=0.05, depth=6, width=32, kernel_size=3, batch_size=64,
+    ),
+    "catdog": TrainConfig(
+        task="catdog", model="cnn", image_size=64, schedule="cosine", warmup_epochs=1, augment="resized-crop-flip",
+        normalize="imagenet", **STRONG_SGD, lr=0.05, depth=6, width=16, kernel_size=3, batch_size=64,
+    ),
+}  # fmt: skip
+
 DEFAULT_PRESET = {"cifar10": "cifar10-seed", "catdog": "catdog-seed"}
 
 

@@ -29,30 +29,13 @@ reference's time. Smoke test: 64x64 images.
 import sys
 
 import reports
-from cnnclf.config import PRESETS, STRONG_SGD, TrainConfig
+from cnnclf.config import PRESETS, SWEEP_BASES
 from sweeps.cli import main
 from sweeps.spec import Ranges, TaskSpec
 
 SPEC = TaskSpec(
     task="catdog",
-    base=TrainConfig(
-        task="catdog",
-        model="cnn",
-        image_size=64,  # on the CPU, 16 epochs at 64 px beat 8 at 96 px in the same time (docs/results.md)
-        schedule="cosine",
-        warmup_epochs=1,
-        augment="resized-crop-flip",
-        normalize="imagenet",
-        # The searched fields' values here are the reference configuration: the search's first trial, and
-        # its measured pace sets the time limit (catdog-strong's optimizer, which reached 91.0% test at 16 epochs
-        # of width 16 at 64 px, docs/results.md).
-        **STRONG_SGD,
-        lr=0.05,
-        depth=6,
-        width=16,
-        kernel_size=3,
-        batch_size=64,
-    ),
+    base=SWEEP_BASES["catdog"],  # the reference configuration (cnnclf/config.py)
     baseline=PRESETS["catdog-seed"],
     ranges=Ranges(batch_size=(10, 16, 32, 64, 128, 256), depth=(4, 8), width=(8, 12, 16, 24)),
     smoke_ranges=Ranges.smoke(depth=(3, 4), width=(8,)),

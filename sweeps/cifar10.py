@@ -28,29 +28,13 @@ reference's time.
 import sys
 
 import reports
-from cnnclf.config import PRESETS, STRONG_SGD, TrainConfig
+from cnnclf.config import PRESETS, SWEEP_BASES
 from sweeps.cli import main
 from sweeps.spec import Ranges, TaskSpec
 
 SPEC = TaskSpec(
     task="cifar10",
-    base=TrainConfig(
-        task="cifar10",
-        model="cnn",
-        schedule="cosine",
-        warmup_epochs=1,
-        augment="crop-flip",
-        normalize="dataset",
-        # The searched fields' values here are the reference configuration: the search's first trial, and
-        # its measured pace sets the time limit (cifar10-strong's optimizer, which reached 79.9% test in 4 epochs
-        # of width 32, docs/results.md).
-        **STRONG_SGD,
-        lr=0.05,
-        depth=6,
-        width=32,
-        kernel_size=3,
-        batch_size=64,
-    ),
+    base=SWEEP_BASES["cifar10"],  # the reference configuration (cnnclf/config.py)
     baseline=PRESETS["cifar10-seed"],
     ranges=Ranges(batch_size=(4, 16, 32, 64, 128, 256, 512), depth=(3, 8), width=(16, 24, 32, 40)),
     smoke_ranges=Ranges.smoke(depth=(2, 3), width=(8, 16)),
