@@ -34,7 +34,8 @@ from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
 from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
 from sweeps.spec import FAILED, MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
-from sweeps.trainable import TrialSetup, run_trial
+from sweeps.trainable import TrialSetup
+from sweeps.worker import run_trial
 from sweeps.warmstart import Priors
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
