@@ -7,9 +7,8 @@ found again by its `trial_id` tag when a trial or the whole sweep is resumed, an
 already logged are not logged twice.
 
 Tune pickles callbacks into its experiment state and `Tuner.restore` unpickles them: so the
-callbacks hold no live resource. The MLflow writer finds the sweep's journal by its folder
-(`sweeps.journal.live`), and registers itself at `setup` so the driver can read what it saw
-(`active`): public Tune APIs only.
+callbacks hold no live resource. The MLflow writer finds the sweep's journal through the sweep's
+context (sweeps/context.py), by the sweep's folder: public Tune APIs only.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
-from sweeps import journal as journals
+from sweeps import context
 from sweeps.budget import bar
 from sweeps.journal import Journal, now_ms, trial_key
 from sweeps.runs import NOTE, config_line, epochs_text, log_datasets, open_parent
@@ -44,12 +43,6 @@ FINISHED_STATUSES = ("TERMINATED", "ERROR")
 Since = tuple[float, float] | None  # (the sweep's first start, time.time(); its best search val/acc so far)
 # What a failure's result (out of memory, too slow) adds to its run: what it cost, the memory left after it.
 FAILURE_METRICS = ("cost/", "resources/gpu_mem_after_mb")
-_ACTIVE: dict[str, MLflowCallback] = {}  # sweep name -> the MLflow writer of the Tuner fitting now
-
-
-def active(sweep: str) -> MLflowCallback:
-    """The MLflow writer that Tune set up for the last fit of `sweep` (fresh, or unpickled by a restore)."""
-    return _ACTIVE[sweep]
 
 
 class SweepASHA(ASHAScheduler):
@@ -96,28 +89,16 @@ class MLflowCallback(tune.Callback):
     def __init__(
         self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict, tune_name: str = ""
     ) -> None:
-        self.folder, self.base, self.baseline, self.sweep_params = journal.folder, base, baseline, sweep_params
+        self.folder, self.base, self.baseline, self.sweep_params = journal.folder.parent, base, baseline, sweep_params
         self.sweep = journal.sweep
         self.tune_name = tune_name  # the Tune experiment (a sweep has several: search, extensions, confirmation)
-        self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
-        # Trials seen to end (on_trial_complete / on_trial_error, or already ended when a restored
-        # sweep began). On Ctrl-C, Tune's cleanup marks running trials TERMINATED without telling
-        # callbacks: those must count as interrupted, not as finished.
-        self.ended: set[str] = set()
-        self._first_step = True
 
     @property
     def journal(self) -> Journal:
-        return journals.live(self.folder)
+        return context.of(self.folder).journal
 
     def setup(self, **info) -> None:
-        _ACTIVE[self.sweep] = self
         open_parent(self.journal, self.sweep_params)
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        if self._first_step:
-            self._first_step = False
-            self.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         j = self.journal
@@ -132,6 +113,10 @@ class MLflowCallback(tune.Callback):
             j.append("status", key, status="RUNNING", ts=now_ms())
             j.append("log", key, tags=[["status", "running"]])
             return
+        self._create_run(trial, key)
+
+    def _create_run(self, trial, key: str) -> None:
+        j = self.journal
         cfg = trial_config(trial.config, self.base, self.baseline)
         role = trial.config.get("role", "trial")
         j.append(
@@ -207,7 +192,6 @@ class MLflowCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.ended.add(trial.trial_id)
         last = trial.last_result or {}
         kind = outcome_of(last, trial_config(trial.config, self.base, self.baseline).epochs)
         mlflow_status = "FINISHED" if kind in ("completed", "early_stopped", "too_slow") else "FAILED"
@@ -219,7 +203,6 @@ class MLflowCallback(tune.Callback):
         self._finish(trial, kind, mlflow_status, tags)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.ended.add(trial.trial_id)
         msg = ""
         if trial.error_file:
             with contextlib.suppress(OSError):
@@ -227,20 +210,15 @@ class MLflowCallback(tune.Callback):
         tags = {"error": msg} if msg else {}
         tags["attempts"] = str(trial.num_failures)  # every attempt failed: the first and its retries
         tags["retries"] = str(max(0, trial.num_failures - 1))
+        key = self.journal.key_of(trial.trial_id)
+        if key not in self.journal.trials:  # its worker died before the trial started (Ray killed it): recorded
+            self._create_run(trial, key)
         self._finish(trial, error_outcome(msg), "FAILED", tags)  # oom when Ray killed its worker for memory
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         key = self.journal.key_of(trial.trial_id)
         if key in self.journal.trials:
             self.journal.append("log", key, tags=[["retries", str(trial.num_failures)]])
-
-    def on_experiment_end(self, trials, **info) -> None:
-        # This Tuner's trials; one that never reported its end was cut short by an interruption. A restored
-        # Tuner whose trials had all ended runs no step: the journal, which saw them end, says so.
-        j = self.journal
-        closed = {t.trial_id for t in trials if (e := j.trials.get(j.key_of(t.trial_id))) and e.status is not None}
-        ended = self.ended | closed
-        self.trial_statuses = {t.trial_id: t.status if t.trial_id in ended else "INTERRUPTED" for t in trials}
 
 
 def _plain(config: dict) -> dict:

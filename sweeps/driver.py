@@ -11,6 +11,7 @@ driver ever touches the tracking store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,14 +30,15 @@ from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
 from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
+from sweeps.context import SweepContext, close_context, open_context
 from sweeps.finish import Ending, ReportWriter, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
 from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
 from sweeps.spec import FAILED, MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
 from sweeps.trainable import TrialSetup
-from sweeps.worker import run_trial
 from sweeps.warmstart import Priors
+from sweeps.worker import run_trial
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -98,7 +100,7 @@ class Sweep:
     """A running sweep: its settings, journal and the trainable every Tuner runs."""
 
     s: Settings
-    journal: Journal
+    context: SweepContext  # the journal, and what --resume hands out again (shared with searchers and callbacks)
     arrays: dict
     gpus: float
     priors: Priors | None = None  # --warm-start
@@ -106,6 +108,10 @@ class Sweep:
     concurrency: int = 1  # trials that run at once (for the ETA)
     best: float = -math.inf  # the best search val/acc of the phases fitted so far (the progress lines keep it)
     report: ReportWriter | None = None  # writes the report at the end (the task scripts hand in reports.write)
+
+    @property
+    def journal(self) -> Journal:
+        return self.context.journal
 
     def since(self) -> tuple[float, float]:
         """What a phase's progress lines start from: the sweep's first start and its best val/acc so far."""
@@ -168,51 +174,53 @@ def resume_record(s: Settings) -> dict:
 
 
 def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
+    """The sweep: Ray up, its journal open, the search and confirmation Tuners fitted (`_run`), the answer."""
+    with ray_session(s), _opened(s, data) as ctx:
+        sweep = _sweep(s, data, ctx, report)
+        try:
+            return _run(sweep, data)
+        except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
+            return sweep.interrupted()
+        except BaseException as e:
+            journal = ctx.journal
+            try:
+                runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
+                journal.close(timeout=min(s.mlflow_wait, 10.0))
+            except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
+                runs.close_directly(journal)
+            if not isinstance(e, Exception) or disk_error(e) is not None:
+                raise
+            raise failed(s, e) from e
 
-    with ray_session(s):
-        journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
-        priors = _priors(s)
+
+@contextlib.contextmanager
+def _opened(s: Settings, data):
+    """The sweep's context around its journal, with what a resume must know written at the first start."""
+    journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
+    ctx = open_context(journal)
+    try:
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
             meta["settings"] = resume_record(s)
             meta["started_at"] = time.time()  # the progress lines' clock counts from here, across phases and resumes
             meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, s.script, *s.argv])}
-            if priors is not None:
-                path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
-                meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
             meta |= {"datasets": runs.datasets(data.manifest, s.spec.task), "data_digest": data.manifest.get("digest")}
             meta["data_n"] = {k: v["n"] for k, v in (data.manifest.get("splits") or {}).items()}
             journal.append("meta", data=meta)
-        try:
-            resources = ray.cluster_resources()
-            gpus = _gpus(s, resources.get("GPU", 0))
-            cap = min(s.max_concurrent or 10**6, s.num_samples + s.with_baseline)
-            sweep = Sweep(
-                s,
-                journal,
-                _shared_arrays(s, data),
-                gpus,
-                priors,
-                concurrency=slots(resources, s.cpus_per_trial, gpus, cap),
-                report=report,
-            )
-            sweep.budget = settle(s, journal, data, gpus, sweep.concurrency)
-            sweep.s = fit_baseline(s, sweep.budget)
-            try:
-                return _run(sweep, data)
-            except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
-                return sweep.interrupted()
-            except BaseException as e:
-                try:
-                    runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
-                    journal.close(timeout=min(s.mlflow_wait, 10.0))
-                except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
-                    runs.close_directly(journal)
-                if not isinstance(e, Exception) or disk_error(e) is not None:
-                    raise
-                raise failed(s, e) from e
-        finally:
-            journal.close(timeout=0)
+        yield ctx
+    finally:
+        close_context(ctx)
+        journal.close(timeout=0)
+
+
+def _sweep(s: Settings, data, ctx: SweepContext, report: ReportWriter | None) -> Sweep:
+    """The running sweep: its context, its warm-start priors, the data in Ray's object store."""
+    priors = _priors(s, ctx.journal)
+    resources = ray.cluster_resources()
+    gpus = _gpus(s, resources.get("GPU", 0))
+    cap = min(s.max_concurrent or 10**6, s.num_samples + s.with_baseline)
+    concurrency = slots(resources, s.cpus_per_trial, gpus, cap)
+    return Sweep(s, ctx, _shared_arrays(s, data), gpus, priors, concurrency=concurrency, report=report)
 
 
 def failed(s: Settings, e: Exception) -> SweepFailed:
@@ -238,13 +246,17 @@ def fit_baseline(s: Settings, budget: Budget) -> Settings:
 
 def _run(sweep: Sweep, data) -> int:
     """Search (in as many Tuners as the sweep was extended), confirm, finish: the sweep's whole normal path."""
-    s = sweep.s
+    sweep.budget = settle(sweep.s, sweep.journal, data, sweep.gpus, sweep.concurrency)
+    sweep.s = s = fit_baseline(sweep.s, sweep.budget)
     rows: list = []
     statuses: dict = {}
     phases = resume.phases(sweep.journal, s.name, s.num_samples)
     for i, n in enumerate(phases):
         path = resume.phase_path(s.path, i)
-        results, st = _fit(sweep, path, _search_tuner(i), n + (s.with_baseline and i == 0), ("trial", "baseline"))
+        total = n + 1 if s.with_baseline and i == 0 else n  # the first search runs the seed baseline too
+        tuner, known = _restored(sweep, path)
+        tuner = tuner or _search_tuner(sweep, path, i, total)
+        results, st = _fit(sweep, tuner, path, known, total, ("trial", "baseline"))
         if results is None:
             return sweep.interrupted()
         rows += collect(results, s.base, s.baseline)
@@ -261,7 +273,9 @@ def _run(sweep: Sweep, data) -> int:
         # one lucky run. A second Tuner in the same Ray session; FIFO, no search.
         print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
         path = resume.confirm_path(s.path, len(phases))
-        cresults, cstatuses = _fit(sweep, path, _confirm_tuner(confirm), len(confirm), ("confirm",))
+        tuner, known = _restored(sweep, path)
+        tuner = tuner or _tuner(sweep, path, len(confirm), FixedConfigs(Path(path).name, s.out_dir, confirm), None)
+        cresults, cstatuses = _fit(sweep, tuner, path, known, len(confirm), ("confirm",))
         if cresults is None:
             return sweep.interrupted()
         rows += collect(cresults, s.base, s.baseline)
@@ -284,66 +298,75 @@ def _confirmed_before(sweep: Sweep, phases: int) -> list:
     return rows
 
 
-def _priors(s: Settings) -> Priors | None:
-    """The --warm-start sweeps' trials that ran under this sweep's settings (said on stdout)."""
+def _priors(s: Settings, journal: Journal) -> Priors | None:
+    """The --warm-start sweeps' trials that ran under this sweep's settings (said on stdout; at the sweep's
+    first start, kept beside it and in the journal)."""
     if not s.warm_start:
         return None
     priors = warmstart.load(list(s.warm_start), s.out, s.trial_settings)
     for line in priors.lines():
         print(line, flush=True)
+    if "warm_start" not in journal.meta:
+        path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
+        meta = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
+        journal.append("meta", data={"warm_start": meta})
     return priors
 
 
-def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...]):
-    """Fit the Tuner at `path` (restored on --resume) to `total` trials; (results, statuses), or (None, {})
-    when it was interrupted (Tune returns normally after Ctrl-C, with trials still pending or running)."""
+def _restored(sweep: Sweep, path: str):
+    """(The Tuner at `path` as Tune saved it, the ids of the trials it knows) on --resume; else (None, set())."""
     s, name = sweep.s, Path(path).name
-    tuner, known = None, set()
-    if s.resume and (name in (s.name, f"{s.name}-confirm") or resume.began(path)):
-        study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
-        tuner, known = resume.restore(path, sweep.trainable(path), study)
-    tuner = tuner or new_tuner(sweep, path, total)
-    resume.adopt(sweep.journal, name, path, known, roles)
+    if not s.resume or not (name in (s.name, f"{s.name}-confirm") or resume.began(path)):
+        return None, set()
+    study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
+    return resume.restore(path, sweep.trainable(path), study)
+
+
+def _fit(sweep: Sweep, tuner, path: str, known: set[str], total: int, roles: tuple[str, ...]):
+    """Fit `tuner` (at `path`) to `total` trials, the journal's trials that Tune's saved state does not know
+    (`known`) handed out again first; (results, statuses), or (None, {}) when it was interrupted (Tune
+    returns normally after Ctrl-C, with trials still pending or running)."""
+    resume.adopt(sweep.context, Path(path).name, path, known, roles)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
         return None, {}
-    statuses = dict(callbacks.active(s.name).trial_statuses)
+    statuses = trial_statuses(sweep.journal, results)
     if len(statuses) < total or any(v not in ("TERMINATED", "ERROR") for v in statuses.values()):
         return None, {}
     return results, statuses
 
 
-def _search_tuner(phase: int):
+def trial_statuses(journal: Journal, results) -> dict[str, str]:
+    """Trial id -> how Tune ended it (TERMINATED or ERROR), or INTERRUPTED when the journal never saw it end: on
+    Ctrl-C Tune marks its running trials TERMINATED without telling the callbacks. The journal owns the fact."""
+    out = {}
+    for r in results:
+        tid = Path(str(r.path)).name.rsplit("-", 1)[-1]  # trial folders are named <role>-<trial_id>
+        entry = journal.trials.get(journal.key_of(tid))
+        ended = entry is not None and entry.status is not None
+        out[tid] = ("ERROR" if r.error else "TERMINATED") if ended else "INTERRUPTED"
+    return out
+
+
+def _search_tuner(sweep: Sweep, path: str, phase: int, total: int):
     """A new Tuner for search `phase` (0: the sweep's first, with the baseline; then its extensions)."""
-
-    def new_tuner(sweep: Sweep, path: str, total: int):
-
-        s = sweep.s
-        baseline = None
-        if s.with_baseline and phase == 0:
-            baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
-        space = Space(s.ranges, s.fixed, experiment=s.name)
-        salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
-        start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
-        known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
-        study = s.out_dir / "optuna.db"
-        searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
-        scheduler = FIFOScheduler()
-        if s.scheduler == "asha":
-            rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
-            scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
-        # The search's ETA counts the confirmation to come: --confirm seeds of --confirm-top configurations.
-        return _tuner(sweep, path, total, searcher, scheduler, s.confirm * s.confirm_top)
-
-    return new_tuner
-
-
-def _confirm_tuner(configs: list[dict]):
-    def new_tuner(sweep: Sweep, path: str, total: int):
-        return _tuner(sweep, path, total, FixedConfigs(Path(path).name, configs), None)
-
-    return new_tuner
+    s = sweep.s
+    baseline = None
+    if s.with_baseline and phase == 0:
+        baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
+    space = Space(s.ranges, s.fixed, experiment=s.name)
+    salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
+    start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
+    known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
+    study = s.out_dir / "optuna.db"
+    searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
+    scheduler = FIFOScheduler()
+    if s.scheduler == "asha":
+        rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
+        scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
+    # The search's ETA counts the confirmation to come: --confirm seeds of --confirm-top configurations.
+    return _tuner(sweep, path, total, searcher, scheduler, s.confirm * s.confirm_top)
 
 
 def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler, later: int = 0):

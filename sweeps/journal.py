@@ -51,14 +51,6 @@ PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOU
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 
 
-_LIVE: dict[Path, Journal] = {}  # folder -> the journal this process opened on it
-
-
-def live(folder: Path) -> Journal:
-    """The journal this driver opened on `folder` (it opens each before any Tuner starts)."""
-    return _LIVE[Path(folder).resolve()]
-
-
 class JournalError(UsageError):
     """A journal file that is not what a journal writes (not JSON, wrong types, a bad name, a link): exit 2
     with this one line, which names the file."""
@@ -134,7 +126,6 @@ class Journal:
         self._client = None
         self.logged_models: dict[str, str] = {}  # "model" ops applied in this process: name -> model id
         self.registered: dict[str, str] = {}  # and their registered versions: registered name -> version
-        _LIVE[self.folder.resolve()] = self  # what callbacks that Tune unpickled on --resume write through
 
     # --- the ledger ---------------------------------------------------------------------------
 

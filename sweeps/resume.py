@@ -17,7 +17,6 @@ import cloudpickle
 from ray import tune
 
 from sweeps.journal import SWEEP_KEY
-from sweeps.searchers import hand_out_again
 from sweeps.spec import META_KEYS
 
 
@@ -73,12 +72,13 @@ def _strip(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in META_KEYS or k == "role"}
 
 
-def adopt(journal, experiment: str, path: str, known: set[str], roles: tuple[str, ...]) -> Orphans:
-    """Hand the orphans of `experiment` (run at `path`) to its searcher, to be handed out again first."""
-    orphans = Orphans.from_journal(journal, known, path, roles)
+def adopt(ctx, experiment: str, path: str, known: set[str], roles: tuple[str, ...]) -> Orphans:
+    """Hand the orphans of `experiment` (run at `path`) to its searcher, through the sweep's context
+    (sweeps/context.py), to be handed out again first."""
+    orphans = Orphans.from_journal(ctx.journal, known, path, roles)
     if orphans.entries:
         print(f"{len(orphans.entries)} trial(s) began after Tune's last snapshot; they continue where they were")
-    hand_out_again(experiment, orphans)
+    ctx.orphans[experiment] = orphans
     return orphans
 
 

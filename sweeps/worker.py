@@ -9,9 +9,12 @@ its actor has started, so seconds of imports there would start the trials of a w
 
 from __future__ import annotations
 
+from sweeps.faults import fire
+
 
 def run_trial(config: dict, data: dict, setup) -> None:
     """`sweeps.trainable.run_trial`, imported on the trial's first call (`setup`: its TrialSetup)."""
+    fire(list(setup.faults), "start", config, 0)  # tests: a worker killed as it starts (sweeps/faults.py)
     from sweeps import trainable  # an entry point: see the module's docstring
 
     trainable.run_trial(config, data, setup)

@@ -24,6 +24,7 @@ from cnnclf.data import load_task
 from sweeps import stats, store
 from sweeps.callbacks import MLflowCallback
 from sweeps.finish import Ending, collect, finish
+from sweeps.context import open_context
 from sweeps.journal import Journal
 from sweeps.spec import Run, answer, chance_flag
 from tests.conftest import write_cifar_folders
@@ -58,6 +59,7 @@ class FakeSweep:
         self.out = tmp_path / "out" / name
         self.journal = Journal(self.out / "journal", self.uri, "cifar10", name, verbose=False)
         self.journal.append("meta", data={"tracking_uri": self.uri, "experiment": "cifar10", "task": "cifar10"})
+        open_context(self.journal)  # as the driver does: the callback finds the journal through it
         self.cb = MLflowCallback(self.journal, BASE, BASELINE, {"num_samples": 2}, name)
         self.cb.setup()
         self.results: list[Result] = []

@@ -247,6 +247,23 @@ def test_worker_killed_trial_resumes_from_its_checkpoint(tmp_path, cifar_dir):
     assert last["training_iteration"] == 3 and last["iterations_since_restore"] < 3  # resumed, not restarted
 
 
+
+def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, cifar_dir):
+    """A worker that dies before its trial has reported anything (as when Ray's memory monitor kills it while
+    the actor starts) is a trial failure: retried under --max-failures, then it trains as usual."""
+    once = tmp_path / "killed"
+    faults = [{"kind": "kill", "at": "start", "match": {"role": "trial"}, "once": str(once)}]
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "1", "--max-epochs", "1", "--no-baseline", "--max-failures", "1",
+        *SMALL, *paths(tmp_path, "ks"),
+    ]  # fmt: skip
+    r = run(tmp_path, args, faults)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert once.exists() and "Traceback" not in r.stdout + r.stderr  # the worker really was killed, quietly
+    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "ks")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "completed"
+    assert runs[0].data.tags.get("retries") == "1" and "test/acc" in runs[0].data.metrics
+
 # --- 3. a trial that always raises; 6. out of memory ------------------------------------------
 
 
@@ -555,7 +572,8 @@ def test_ray_killing_every_worker_for_memory_is_one_line_every_trial_recorded_th
     assert (tmp_path / "out" / "memkill" / "sweep.log").read_text().count("Traceback") >= 1  # kept, in the log
     _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "memkill")
     assert all(c.info.status != "RUNNING" for c in [*parents, *runs])
-    assert {c.data.tags.get("status") for c in runs if c.data.tags.get("role") == "trial"} <= {"oom", "error"}
+    assert len(runs) == 3 and {c.data.tags["status"] for c in runs} <= {"oom", "error"}  # 2 trials, the baseline
+    assert all(c.info.status == "FAILED" and c.data.tags.get("error") for c in runs)  # each with its cause
     summary = json.loads((tmp_path / "out" / "memkill" / "summary.json").read_text())
     assert summary["outcomes"]["oom"] + summary["outcomes"]["error"] == 3  # 2 trials and the baseline
     again = run(tmp_path, [*args, "--resume"])
