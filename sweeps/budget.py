@@ -23,7 +23,10 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import torch
+
 from cnnclf.config import TrainConfig
+from cnnclf.train import PROBE_STEPS, train
 from sweeps.journal import SWEEP_KEY
 from sweeps.spec import SEARCH_PARAMS
 
@@ -99,9 +102,6 @@ def asha_fraction(budget: Budget, scheduler: str, max_epochs: int, grace_epochs:
 
 def measure_pace(cfg: TrainConfig, data, device: str, threads: int) -> float:
     """Images per second of `cfg`'s training on this machine, over its first few hundred steps."""
-    import torch
-
-    from cnnclf.train import PROBE_STEPS, train
 
     class Measured(Exception):
         pass
@@ -317,6 +317,5 @@ def shrink_hint(s) -> str:
 
 
 def _cuda() -> bool:
-    import torch
 
     return torch.cuda.is_available()

@@ -38,9 +38,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
 from cnnclf.args import UsageError
 from cnnclf.config import name_error
 from sweeps import faults
+from sweeps.registry import CODE, REQUIREMENT
 
 SWEEP_KEY = "sweep"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -304,7 +307,6 @@ class Journal:
         return self.run_ids[key]
 
     def _apply(self, op: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
 
         kind, key, c = op["op"], op.get("key"), self.client
         if kind in ("meta", "alias"):
@@ -376,7 +378,6 @@ class Journal:
         """A "model" op as it is logged: its code is sweeps/model.py (any other file named is Refused, never
         run), its checkpoint and input example are files inside the sweep's folder, and its requirements pin
         only the packages that code imports (they are installed wherever the model is served)."""
-        from sweeps.registry import CODE, REQUIREMENT
 
         if (self.root / op.get("code", CODE)).resolve() != CODE:
             raise Refused(f"a model's code is {CODE}, not {op['code']}")
@@ -615,7 +616,6 @@ def _is_json(line: bytes) -> bool:
 
 
 def _dataset_input(d: dict):
-    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     fields = {k: d[k] for k in ("name", "digest", "source_type", "source", "schema", "profile") if k in d}
     return DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", d["context"])])

@@ -26,6 +26,11 @@ from __future__ import annotations
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+import torch
+
+from cnnclf.data import Normalizer
+from cnnclf.train import load_model
 
 CLASS_COLUMN = "class"  # sweeps/logged_model.py's signature names it too
 BATCH = 512  # images per forward pass
@@ -35,18 +40,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """uint8 (N, S, S, 3) RGB images -> class probabilities, as `python -m cnnclf predict` computes them."""
 
     def load_context(self, context) -> None:
-        import torch
-
-        from cnnclf.data import Normalizer
-        from cnnclf.train import load_model
 
         self.model, self.cfg, meta = load_model(context.artifacts["checkpoint"], "cpu")  # weights_only=True
         self.classes = [str(c) for c in meta["classes"]]
         self.normalize = Normalizer(meta["mean"], meta["std"], torch.device("cpu"))
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):  # checked: the signature
-        import pandas as pd
-        import torch
 
         images = check_images(model_input, self.cfg.image_size)
         parts = []
