@@ -22,6 +22,7 @@ from torch import nn
 
 from cnnclf.args import first_line
 from cnnclf.config import TrainConfig
+from cnnclf.files import atomic_write
 from cnnclf.recipe import check_model_fits, model_for
 
 CHECKPOINT_FORMAT = 2  # bump when the keys change; a newer one is refused (CheckpointError), not misread
@@ -46,15 +47,13 @@ class CheckpointWriteError(OSError):
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # a file object: torch's writer then fails with Python's OSError as context
+        # A crash mid-write never leaves a truncated checkpoint behind (cnnclf/files.py). A file object: torch's
+        # writer then fails with Python's OSError as context.
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
     except Exception as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         why = _write_failure(e, path.parent)
         if why is None:
             raise  # not a failed write (a state that does not pickle): a bug, with its traceback

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
+from cnnclf.files import atomic_write
 from sweeps.journal_checks import SWEEP_KEY, TERMINAL, Refused, one_line
 from sweeps.registry import CODE, REQUIREMENT
 
@@ -115,14 +116,11 @@ class MLflowWriter:
             self._say(f"warning: cannot write {self.rejected_path} ({err.strerror or err})")
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
         state = {"applied": self.applied, "run_ids": self.run_ids, "experiment_id": self.experiment_id}
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # a leftover, or a planted link: never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(state))
-        os.replace(tmp, self.state_path)
+        with atomic_write(self.state_path) as tmp:  # a leftover temp file, or a planted link, is removed first
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(state))
 
     # --- applying one op to MLflow ------------------------------------------------------------
 
