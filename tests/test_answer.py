@@ -23,8 +23,8 @@ from cnnclf.config import PRESETS, TrainConfig
 from cnnclf.data import load_task
 from sweeps import stats, store
 from sweeps.callbacks import MLflowCallback
-from sweeps.finish import Ending, collect, finish
 from sweeps.context import open_context
+from sweeps.finish import Ending, collect, finish
 from sweeps.journal import Journal
 from sweeps.spec import Run, answer, chance_flag
 from tests.conftest import write_cifar_folders

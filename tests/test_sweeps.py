@@ -350,9 +350,9 @@ def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):
 
 def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_path):
     from sweeps.cifar10 import SPEC
+    from sweeps.context import open_context
     from sweeps.journal import Journal, trial_key
     from sweeps.resume import Orphans
-    from sweeps.context import open_context
     from sweeps.searchers import Space, make_searcher
 
     journal = Journal(tmp_path / "journal", "sqlite:///unused.db", "cifar10", "s", verbose=False)
