@@ -25,7 +25,10 @@ SCHEDULES = ("constant", "cosine", "linear")
 NORMALIZATIONS = ("half", "dataset", "imagenet")
 AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 KERNEL_SIZES = (3, 5, 7)
-COMPILE = ("auto", "on", "off")  # torch.compile of the training step; auto: on for CUDA, off on the CPU
+# torch.compile of the training step; auto: on for CUDA, off on the CPU; on: the device's mode
+# (cnnclf/device.py COMPILE_MODES); or on with one of torch.compile's own modes, by name.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE = ("auto", "on", "off", *TORCH_COMPILE_MODES)
 # Arithmetic of the forward pass: auto is bfloat16 autocast (with channels-last tensors) where the device has
 # bf16 units (CUDA; a CPU with AVX512-BF16 or AMX), float32 elsewhere. cnnclf.train.uses_bf16 decides.
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from cnnclf.config import TrainConfig
+from cnnclf.config import TORCH_COMPILE_MODES, TrainConfig
 
 # torch.compile mode per device: CUDA graphs remove the per-kernel launch cost that dominates small
 # batches on a GPU; on the CPU there are no graphs to replay.
@@ -27,6 +27,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str | None:
     """The torch.compile mode `cfg` trains with on `device`, or None for eager."""
+    if cfg.compile in TORCH_COMPILE_MODES:
+        return cfg.compile
     on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return COMPILE_MODES.get(device.type, "default") if on else None
 

@@ -12,15 +12,15 @@ from cnnclf.device import autocast
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    split: tuple[torch.Tensor, torch.Tensor],
     normalize: Normalizer,
     num_classes: int,
     batch_size: int = 1024,
     bf16: bool | None = None,
 ) -> dict:
     """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true, cols: predicted), under
-    bf16 autocast with channels-last inputs when `bf16` (None: on CUDA)."""
+    bf16 autocast with channels-last inputs when `bf16` (None: on CUDA). `split`: its images and labels."""
+    x, y = split
     was_training = model.training
     model.eval()
     device = x.device

@@ -90,7 +90,6 @@ def train(
     *,
     device: str | torch.device | None = None,
     resume: str | os.PathLike | dict | None = None,
-    mode: str | None = None,
     probe: Probe | None = None,
 ) -> dict:
     """Train `cfg` on `data`; returns the final metrics plus `status` ("completed" or "diverged").
@@ -99,13 +98,12 @@ def train(
     moved here. The test set is evaluated once, after the last epoch, and never steers anything.
     `resume`: a checkpoint's path, or the state load_checkpoint read from one (CheckpointError for a format
     this version does not read).
-    `mode` overrides the torch.compile mode of a compiled run (benchmarks compare modes).
     `probe` is called once with the run's `Pace`, after PROBE_STEPS timed steps or PROBE_S seconds of
     the first epoch trained in this process (at that epoch's end if it is shorter); it may raise to
     stop the run there (the sweeps' cost guard).
     """
     device = resolve_device(device)
-    mode = (mode or compile_mode(cfg, device)) if compile_mode(cfg, device) else None
+    mode = compile_mode(cfg, device)  # cfg.compile may name torch.compile's mode (benchmarks compare them)
     if mode is None:
         return _train(_Run(cfg, data, device, None), resume, report, probe)
     reset_compiled()
@@ -250,7 +248,7 @@ class _Run:
     def evaluate(self, split: str) -> dict:
         """evaluate() on the "val" or "test" images."""
         x, y = getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y")
-        return evaluate(self.model, x, y, self.normalize, len(self.data.classes), bf16=self.bf16)
+        return evaluate(self.model, (x, y), self.normalize, len(self.data.classes), bf16=self.bf16)
 
     def epoch_metrics(self, epoch: int, trained: _Epoch) -> dict:
         """An epoch's metrics, validation included (a diverged epoch's losses and val/acc: NaN), with the

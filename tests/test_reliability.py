@@ -246,7 +246,6 @@ def test_worker_killed_trial_resumes_from_its_checkpoint(tmp_path, cifar_dir):
     assert last["training_iteration"] == 3 and last["iterations_since_restore"] < 3  # resumed, not restarted
 
 
-
 def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, cifar_dir):
     """A worker that dies before its trial has reported anything (as when Ray's memory monitor kills it while
     the actor starts) is a trial failure: retried under --max-failures, then it trains as usual."""
@@ -262,6 +261,7 @@ def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, ci
     _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "ks")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "completed"
     assert runs[0].data.tags.get("retries") == "1" and "test/acc" in runs[0].data.metrics
+
 
 # --- 3. a trial that always raises; 6. out of memory ------------------------------------------
 
