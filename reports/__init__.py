@@ -6,6 +6,7 @@ loading matplotlib.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reports.data import ReportError
@@ -13,7 +14,15 @@ from reports.data import ReportError
 if TYPE_CHECKING:
     from reports.report import build_report
 
-__all__ = ["ReportError", "build_report"]
+__all__ = ["ReportError", "build_report", "write"]
+
+
+def write(tracking_uri: str, experiment: str, sweeps: list[str], out_dir: Path) -> list[Path]:
+    """`build_report`, loaded on the first call: what the sweep scripts hand the sweep to write its report
+    (no `sweeps` module imports `reports`)."""
+    from reports.report import build_report
+
+    return build_report(tracking_uri, experiment, sweeps, out_dir)
 
 
 def __getattr__(name: str):

@@ -23,7 +23,10 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import torch
+
 from cnnclf.config import TrainConfig
+from cnnclf.train import PROBE_STEPS, train
 from sweeps.journal import SWEEP_KEY
 from sweeps.spec import SEARCH_PARAMS
 
@@ -99,9 +102,6 @@ def asha_fraction(budget: Budget, scheduler: str, max_epochs: int, grace_epochs:
 
 def measure_pace(cfg: TrainConfig, data, device: str, threads: int) -> float:
     """Images per second of `cfg`'s training on this machine, over its first few hundred steps."""
-    import torch
-
-    from cnnclf.train import PROBE_STEPS, train
 
     class Measured(Exception):
         pass
@@ -176,15 +176,23 @@ class TrialPace:
 
 
 class Eta:
-    """The sweep's remaining wall time, from measured paces: the running trials' whole rest, and the trials
-    not yet measured at the mean projected cost of the search trials seen (before any: `guess_s`, the
-    start's projection) times ASHA's expected share; over the trials that run at once."""
+    """The sweep's remaining wall time, from measured paces: the running trials' whole rest, the trials not
+    yet measured at the mean projected cost of the search trials seen (before any: `guess_s`, the start's
+    projection) times ASHA's expected share, over the trials that run at once; then the phases still to come
+    (`later`: the confirmation's runs, each a whole training of about that mean cost). Never less than the
+    longest rest of a running trial; 0.0 when nothing is left."""
 
     def __init__(
-        self, total: int, concurrency: int, cap_s: float | None, fraction: float, guess_s: float | None = None
+        self,
+        total: int,
+        concurrency: int,
+        cap_s: float | None,
+        fraction: float,
+        guess_s: float | None = None,
+        later: int = 0,
     ) -> None:
         self.total, self.concurrency, self.cap_s, self.fraction = total, max(1, concurrency), cap_s, fraction
-        self.guess_s = guess_s
+        self.guess_s, self.later = guess_s, later
         self.trials: dict[str, TrialPace] = {}
         self.ended: set[str] = set()
         self.search: set[str] = set()  # trials ASHA may stop (not the baseline)
@@ -205,22 +213,27 @@ class Eta:
         if not self.trials:
             return None
         fulls = [f for t in self.search if math.isfinite(f := self.trials[t].full_s(self.cap_s))]
-        running = 0.0
+        rests = []
         for tid, p in self.trials.items():
             full = p.full_s(self.cap_s)
-            if tid in self.ended or math.isnan(full):
-                continue
-            running += max(0.0, full - p.spent_s)  # a trial past its first rungs mostly runs on: its whole rest
+            if tid not in self.ended and not math.isnan(full):
+                rests.append(max(0.0, full - p.spent_s))  # a trial past its first rungs mostly runs on: its whole rest
         mean = sum(fulls) / len(fulls) if fulls else (self.guess_s or 0.0)
         unmeasured = max(0, self.total - len(set(self.trials) | self.ended))
-        return (running + unmeasured * mean * self.fraction) / self.concurrency
+        now = max((sum(rests) + unmeasured * mean * self.fraction) / self.concurrency, max(rests, default=0.0))
+        return now + math.ceil(self.later / self.concurrency) * mean
+
+    def done(self) -> bool:
+        """Nothing is left of this phase or any after it."""
+        return self.later == 0 and len(self.ended) >= self.total
 
 
-def bar(done: int, total: int, best: float | None, left: float | None, width: int = 20) -> str:
-    """One overall progress line: trials done, best val/acc so far, ETA."""
+def bar(done: int, total: int, best: float | None, left: float | None, width: int = 20, finished: bool = False) -> str:
+    """One overall progress line: trials done, best val/acc so far, ETA ("done" when `finished`)."""
     filled = round(width * done / max(1, total))
     best_s = f"{best:.4f}" if best is not None and math.isfinite(best) else "-"
     eta = f"ETA about {duration(left)}" if left is not None else "ETA after the first results"
+    eta = "done" if finished else eta
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trials done, best val/acc {best_s}, {eta}"
 
 
@@ -304,6 +317,5 @@ def shrink_hint(s) -> str:
 
 
 def _cuda() -> bool:
-    import torch
 
     return torch.cuda.is_available()

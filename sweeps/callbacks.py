@@ -7,9 +7,8 @@ found again by its `trial_id` tag when a trial or the whole sweep is resumed, an
 already logged are not logged twice.
 
 Tune pickles callbacks into its experiment state and `Tuner.restore` unpickles them: so the
-callbacks hold no live resource. The MLflow writer finds the sweep's journal by its folder
-(`sweeps.journal.live`), and registers itself at `setup` so the driver can read what it saw
-(`active`): public Tune APIs only.
+callbacks hold no live resource. The MLflow writer finds the sweep's journal through the sweep's
+context (sweeps/context.py), by the sweep's folder: public Tune APIs only.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from cnnclf.config import TrainConfig
-from sweeps import journal as journals
+from sweeps import context
 from sweeps.budget import bar
 from sweeps.journal import Journal, now_ms, trial_key
 from sweeps.runs import NOTE, config_line, epochs_text, log_datasets, open_parent
@@ -34,18 +33,16 @@ from sweeps.spec import (
     Run,
     applies,
     chance_flag,
+    error_outcome,
     finite,
     outcome_of,
     trial_config,
 )
 
 FINISHED_STATUSES = ("TERMINATED", "ERROR")
-_ACTIVE: dict[str, MLflowCallback] = {}  # sweep name -> the MLflow writer of the Tuner fitting now
-
-
-def active(sweep: str) -> MLflowCallback:
-    """The MLflow writer that Tune set up for the last fit of `sweep` (fresh, or unpickled by a restore)."""
-    return _ACTIVE[sweep]
+Since = tuple[float, float] | None  # (the sweep's first start, time.time(); its best search val/acc so far)
+# What a failure's result (out of memory, too slow) adds to its run: what it cost, the memory left after it.
+FAILURE_METRICS = ("cost/", "resources/gpu_mem_after_mb")
 
 
 class SweepASHA(ASHAScheduler):
@@ -92,28 +89,16 @@ class MLflowCallback(tune.Callback):
     def __init__(
         self, journal: Journal, base: TrainConfig, baseline: TrainConfig, sweep_params: dict, tune_name: str = ""
     ) -> None:
-        self.folder, self.base, self.baseline, self.sweep_params = journal.folder, base, baseline, sweep_params
+        self.folder, self.base, self.baseline, self.sweep_params = journal.folder.parent, base, baseline, sweep_params
         self.sweep = journal.sweep
         self.tune_name = tune_name  # the Tune experiment (a sweep has several: search, extensions, confirmation)
-        self.trial_statuses: dict[str, str] = {}  # trial_id -> Tune status, at the end
-        # Trials seen to end (on_trial_complete / on_trial_error, or already ended when a restored
-        # sweep began). On Ctrl-C, Tune's cleanup marks running trials TERMINATED without telling
-        # callbacks: those must count as interrupted, not as finished.
-        self.ended: set[str] = set()
-        self._first_step = True
 
     @property
     def journal(self) -> Journal:
-        return journals.live(self.folder)
+        return context.of(self.folder).journal
 
     def setup(self, **info) -> None:
-        _ACTIVE[self.sweep] = self
         open_parent(self.journal, self.sweep_params)
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        if self._first_step:
-            self._first_step = False
-            self.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         j = self.journal
@@ -128,6 +113,10 @@ class MLflowCallback(tune.Callback):
             j.append("status", key, status="RUNNING", ts=now_ms())
             j.append("log", key, tags=[["status", "running"]])
             return
+        self._create_run(trial, key)
+
+    def _create_run(self, trial, key: str) -> None:
+        j = self.journal
         cfg = trial_config(trial.config, self.base, self.baseline)
         role = trial.config.get("role", "trial")
         j.append(
@@ -136,7 +125,7 @@ class MLflowCallback(tune.Callback):
             name=f"{role}-{trial.trial_id}",
             ts=now_ms(),
             trial_id=trial.trial_id,
-            experiment=getattr(self, "tune_name", ""),  # a callback pickled by an older version has none
+            experiment=self.tune_name,
             config=_plain(trial.config),
             tags={
                 "sweep": self.sweep,
@@ -156,9 +145,11 @@ class MLflowCallback(tune.Callback):
         j = self.journal
         key = j.key_of(trial.trial_id)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if key not in j.trials or step <= j.trials[key].last_step:
+        failure = bool(result.get("failure"))  # out of memory or too slow: reported once, after its last epoch
+        if key not in j.trials or (step <= j.trials[key].last_step and not failure):
             return  # an epoch already logged (the trial resumed from an older checkpoint)
-        failed = bool(result.get("diverged")) or bool(result.get("failure"))
+        step = max(step, j.trials[key].last_step)
+        failed = bool(result.get("diverged")) or failure
         ts = now_ms()
         metrics = []
         for k, v in result.items():  # `epoch` is the step and `diverged` a tag: neither is logged as a metric
@@ -166,6 +157,8 @@ class MLflowCallback(tune.Callback):
                 continue
             if failed and k in (METRIC, "val/loss", "train/loss"):
                 continue  # stand-in values for Tune and Optuna, not measurements
+            if failure and not k.startswith(FAILURE_METRICS):
+                continue  # the rest was logged with the trial's last epoch
             metrics.append([k, float(v), ts, step])
         tags = [["node_id", result["node_id"]]] if result.get("node_id") else []
         if result.get("diverged"):
@@ -199,29 +192,17 @@ class MLflowCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.ended.add(trial.trial_id)
         last = trial.last_result or {}
         kind = outcome_of(last, trial_config(trial.config, self.base, self.baseline).epochs)
         mlflow_status = "FINISHED" if kind in ("completed", "early_stopped", "too_slow") else "FAILED"
         tags = {"stopped_by": "asha"} if kind == "early_stopped" else {}
-        if kind == "too_slow":  # stopped on purpose: the projection, and what it had cost, on its run
+        if kind == "too_slow":  # stopped on purpose: the projection (its cost/* came with its result)
             tags = {"stopped_by": "cost_guard", "projection": str(last.get("error", ""))[:500]}
-            self._log_cost(trial, last)
         elif last.get("error"):
             tags["error"] = str(last["error"])[:500]
         self._finish(trial, kind, mlflow_status, tags)
 
-    def _log_cost(self, trial, last: dict) -> None:
-        """The cost guard's figures (its result has no epoch of its own: logged at the trial's last step)."""
-        j = self.journal
-        key = j.key_of(trial.trial_id)
-        if key in j.trials:
-            ts, step = now_ms(), j.trials[key].last_step
-            metrics = [[k, float(v), ts, step] for k, v in last.items() if k.startswith("cost/") and finite(v)]
-            j.append("log", key, metrics=metrics)
-
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.ended.add(trial.trial_id)
         msg = ""
         if trial.error_file:
             with contextlib.suppress(OSError):
@@ -229,20 +210,15 @@ class MLflowCallback(tune.Callback):
         tags = {"error": msg} if msg else {}
         tags["attempts"] = str(trial.num_failures)  # every attempt failed: the first and its retries
         tags["retries"] = str(max(0, trial.num_failures - 1))
-        self._finish(trial, "error", "FAILED", tags)
+        key = self.journal.key_of(trial.trial_id)
+        if key not in self.journal.trials:  # its worker died before the trial started (Ray killed it): recorded
+            self._create_run(trial, key)
+        self._finish(trial, error_outcome(msg), "FAILED", tags)  # oom when Ray killed its worker for memory
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         key = self.journal.key_of(trial.trial_id)
         if key in self.journal.trials:
             self.journal.append("log", key, tags=[["retries", str(trial.num_failures)]])
-
-    def on_experiment_end(self, trials, **info) -> None:
-        # This Tuner's trials; one that never reported its end was cut short by an interruption. A restored
-        # Tuner whose trials had all ended runs no step: the journal, which saw them end, says so.
-        j = self.journal
-        closed = {t.trial_id for t in trials if (e := j.trials.get(j.key_of(t.trial_id))) and e.status is not None}
-        ended = self.ended | closed
-        self.trial_statuses = {t.trial_id: t.status if t.trial_id in ended else "INTERRUPTED" for t in trials}
 
 
 def _plain(config: dict) -> dict:
@@ -253,17 +229,16 @@ class ProgressCallback(tune.Callback):
     """One line per trial update and a sweep-level count, on stdout; and one overall progress line (trials
     done, best val/acc so far, the ETA) once the first trial reports and whenever a trial ends."""
 
-    def __init__(self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0) -> None:
+    def __init__(
+        self, total: int, base: TrainConfig, baseline: TrainConfig, eta=None, n_train: int = 0, since: Since = None
+    ) -> None:
         self.total, self.base, self.baseline = total, base, baseline
         self.eta, self.n_train = eta, n_train  # sweeps.budget.Eta
         self._barred = False
         self.done = 0
-        self.best = -math.inf
+        # The sweep's first start (wall clock: across phases and resumes) and its best search val/acc so far.
+        self.started, self.best = since if since is not None else (time.time(), -math.inf)
         self._counted = False
-        self.started = time.monotonic()
-
-    def setup(self, **info) -> None:
-        self.started = time.monotonic()  # this driver's clock, also for callbacks a restore unpickled
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self._counted:  # a resumed sweep starts with its finished trials counted, and their best
@@ -282,7 +257,7 @@ class ProgressCallback(tune.Callback):
         print(f"{self._prefix()} {trial.trial_id} {trial.config.get('role', 'trial'):8s} started{note}", flush=True)
 
     def _prefix(self) -> str:
-        return f"[{self.done}/{self.total} done, {time.monotonic() - self.started:6.0f}s]"
+        return f"[{self.done}/{self.total} done, {time.time() - self.started:6.0f}s]"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         role = trial.config.get("role", "trial")
@@ -299,7 +274,7 @@ class ProgressCallback(tune.Callback):
             f"{result.get('throughput/train_img_s', 0):7.0f} img/s" + ("  DIVERGED" if result.get("diverged") else ""),
             flush=True,
         )
-        eta = getattr(self, "eta", None)  # a callback pickled by an older version has none
+        eta = self.eta
         if eta is not None:
             eta.seen(trial.trial_id, self.n_train * planned, result, search=role == "trial")
             if not self._barred:
@@ -320,11 +295,11 @@ class ProgressCallback(tune.Callback):
         self._ended(trial, trials)
 
     def _ended(self, trial, trials) -> None:
-        if getattr(self, "eta", None) is not None:
+        if self.eta is not None:
             self.eta.end(trial.trial_id)
             self._bar(trials)
 
     def _bar(self, trials) -> None:
         left = self.eta.left_s()
         best = self.best if self.best > -math.inf else None
-        print(f"{self._prefix()} {bar(self.done, self.total, best, left)}", flush=True)
+        print(f"{self._prefix()} {bar(self.done, self.total, best, left, finished=self.eta.done())}", flush=True)

@@ -28,6 +28,7 @@ reference's time. Smoke test: 64x64 images.
 
 import sys
 
+import reports
 from cnnclf.config import PRESETS, SWEEP_BASES
 from sweeps.cli import main
 from sweeps.spec import Ranges, TaskSpec
@@ -44,4 +45,4 @@ SPEC = TaskSpec(
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SPEC))
+    sys.exit(main(SPEC, report=reports.write))

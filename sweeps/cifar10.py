@@ -27,6 +27,7 @@ reference's time.
 
 import sys
 
+import reports
 from cnnclf.config import PRESETS, SWEEP_BASES
 from sweeps.cli import main
 from sweeps.spec import Ranges, TaskSpec
@@ -43,4 +44,4 @@ SPEC = TaskSpec(
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SPEC))
+    sys.exit(main(SPEC, report=reports.write))

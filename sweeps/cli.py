@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import math
 import os
 import shlex
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cnnclf.config import ConfigError, TrainConfig
@@ -28,26 +28,34 @@ from sweeps.driver import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    STATE_FORMAT,
     Settings,
     UsageError,
     resume_record,
     run_sweep,
 )
+from sweeps.finish import ReportWriter, write_report
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.journal import Journal, read_meta
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, log_to_file
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
 
 
-def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
+def main(spec: TaskSpec, argv: list[str] | None = None, report: ReportWriter | None = None) -> int:
+    """The sweep script's main: `argv` (default sys.argv[1:]) -> exit status. `report` writes the report at
+    the end (the task scripts hand in reports.write; no sweeps module imports reports)."""
     try:
-        return _main(spec, sys.argv[1:] if argv is None else argv)
+        return _main(spec, sys.argv[1:] if argv is None else argv, report)
     except UsageError as e:
         print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before any trial started (loading the data, starting Ray)
         print(f"{spec.task} sweep: interrupted before any trial started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SweepFailed as e:  # the traceback is in the sweep's log file
+        print(f"{spec.task} sweep: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:  # a disk that filled up or went read-only mid-sweep: one line, not a traceback
         e = disk_error(error)  # Tune wraps what its callbacks raise into a TuneError
         if e is None:
@@ -61,22 +69,12 @@ def main(spec: TaskSpec, argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def disk_error(e: BaseException | None) -> OSError | None:
-    """The full or read-only disk behind an exception, following its causes; None when there is none."""
-    seen = 0
-    while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def _main(spec: TaskSpec, argv: list[str]) -> int:
+def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
     args = build_parser(spec).parse_args(argv)
     check_args(args)
     if args.sync:
-        return sync(spec, args)
-    s, load = settings(spec, args)
+        return sync(spec, args, report)
+    s, load = settings(spec, args, argv)
     if s.address is not None:
         check_reachable(s.address, s.connect_timeout)  # before the data is read: a typo costs seconds
     from cnnclf.data import DataError, load_task  # torch: after the flags, so a typo is answered at once
@@ -91,13 +89,16 @@ def _main(spec: TaskSpec, argv: list[str]) -> int:
         flush=True,
     )
     s = claim(s, args)  # before the sweep writes anything: one driver per name, and a resume is the same sweep
+    log = log_to_file(s.out_dir / LOG_NAME)
+    print(f"logs: {log} (Ray's, Tune's and MLflow's own messages, and any traceback)", flush=True)
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
-    return run_sweep(s, data)
+    return run_sweep(s, data, report)
 
 
-def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
-    """The sweep's Settings and `load_task`'s keyword arguments; UsageError for anything unusable."""
+def settings(spec: TaskSpec, args: argparse.Namespace, argv: Sequence[str] = ()) -> tuple[Settings, dict]:
+    """The sweep's Settings and `load_task`'s keyword arguments; UsageError for anything unusable. `argv`: the
+    flags `args` were parsed from (they go into the resume and sync commands)."""
     from sweeps.faults import load as load_faults
 
     try:
@@ -142,16 +143,24 @@ def settings(spec: TaskSpec, args: argparse.Namespace) -> tuple[Settings, dict]:
     load["seed"] = base.data_seed
     v |= {"base": base, "baseline": baseline, "ranges": ranges, "fixed": fixed, "faults": faults}
     v["trial_settings"] = settings_of(base, fixed, ranges, load)
-    s = _build(spec, v)
+    s = _build(spec, v, argv)
     journal_dir = v["out"] / v["name"] / "journal"
     if s.resume and (journal_dir / "ops.jsonl").exists():  # early, before the data is read; again under the lock
         s = same_sweep(s, args, read_meta(journal_dir))
     return s, load
 
 
-def _build(spec: TaskSpec, v: dict) -> Settings:
-    """Settings from the resolved flags `v` (with base, baseline, ranges, fixed and faults added)."""
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
+def script_of(spec: TaskSpec) -> str:
+    """The task script as the user ran it (sys.argv[0], when it is that script), else its path."""
+    here = Path(__file__).with_name(f"{spec.task}.py")
+    given = sys.argv[0] if sys.argv else ""
+    return given if given and Path(given).name == here.name else str(here)
+
+
+def _build(spec: TaskSpec, v: dict, argv: Sequence[str]) -> Settings:
+    """Settings from the resolved flags `v` (with base, baseline, ranges, fixed and faults added) and the
+    command line `argv` they came from."""
+    argv = [a for a in argv if a != "--resume"]
     argv += [] if "--name" in argv else ["--name", v["name"]]
     derived = ("base", "baseline", "ranges", "fixed", "faults", "trial_settings", "task")
     logged = {k: ",".join(x) if isinstance(x, tuple) else x for k, x in v.items() if k not in derived}
@@ -162,7 +171,9 @@ def _build(spec: TaskSpec, v: dict) -> Settings:
         spec=spec,
         with_baseline=not v["no_baseline"],
         params={k: x for k, x in logged.items() if k != "storage"},
-        resume_command=shlex.join([sys.executable, sys.argv[0], *argv, "--resume"]),
+        script=script_of(spec),
+        argv=tuple(argv),
+        resume_command=shlex.join([sys.executable, script_of(spec), *argv, "--resume"]),
     )
 
 
@@ -264,6 +275,12 @@ def same_sweep(s: Settings, args: argparse.Namespace, meta: dict) -> Settings:
     was = meta.get("settings") or {k: meta[k] for k in ("task", "experiment", "tracking_uri") if k in meta}
     if not was:
         return s
+    if was.get("format") != STATE_FORMAT:
+        raise UsageError(
+            f"argument --resume: sweep {s.name!r} was saved by another version of this project (state format "
+            f"{was.get('format', 1)}; this one reads {STATE_FORMAT}) and cannot be resumed; run it again under "
+            "a new --name"
+        )
     if args.confirm is None and args.confirm_top is None and "confirm" in was:  # defaults: keep the sweep's
         s = dataclasses.replace(s, confirm=was["confirm"], confirm_top=was["confirm_top"])
     now = resume_record(s)
@@ -384,9 +401,8 @@ def check_reachable(address: str, timeout: float) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
+def sync(spec: TaskSpec, args: argparse.Namespace, report: ReportWriter | None) -> int:
     """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
-    from sweeps.finish import write_report
     from sweeps.session import quiet_mlflow_http
 
     folder = args.out / args.name / "journal"
@@ -409,7 +425,7 @@ def sync(spec: TaskSpec, args: argparse.Namespace) -> int:
     if meta.get("finished") and not (args.out / args.name / "report.html").exists():
         journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
         journal.start()
-        write_report(journal, args.out / args.name)
+        write_report(journal, args.out / args.name, report)
         if journal.close(timeout=max(args.mlflow_wait, 1.0)):
             return EXIT_FAILED
     return EXIT_OK

@@ -11,24 +11,34 @@ driver ever touches the tracking store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import math
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnclf.args import UsageError
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+
+from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
 from sweeps import callbacks, resume, runs, warmstart
 from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
-from sweeps.finish import Ending, collect, confirm_configs, dump_json, finish, rank
+from sweeps.context import SweepContext, close_context, open_context
+from sweeps.finish import Ending, ReportWriter, collect, confirm_configs, dump_json, finish, rank
 from sweeps.journal import Journal
 from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
-from sweeps.session import ray_session
-from sweeps.spec import METRIC, MODE, Ranges, TaskSpec
-from sweeps.trainable import TrialSetup, run_trial
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
+from sweeps.spec import FAILED, MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
+from sweeps.trainable import TrialSetup
 from sweeps.warmstart import Priors
+from sweeps.worker import run_trial
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -73,6 +83,8 @@ class Settings:
     faults: tuple = ()
     params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
     resume_command: str = ""
+    script: str = ""  # the task script, as run (sweeps/cli.py script_of)
+    argv: tuple[str, ...] = ()  # its flags (with --name; without --resume)
 
     @property
     def out_dir(self) -> Path:
@@ -88,19 +100,32 @@ class Sweep:
     """A running sweep: its settings, journal and the trainable every Tuner runs."""
 
     s: Settings
-    journal: Journal
+    context: SweepContext  # the journal, and what --resume hands out again (shared with searchers and callbacks)
     arrays: dict
     gpus: float
     priors: Priors | None = None  # --warm-start
     budget: Budget = dataclasses.field(default_factory=lambda: Budget("epochs", None, ""))
     concurrency: int = 1  # trials that run at once (for the ETA)
+    best: float = -math.inf  # the best search val/acc of the phases fitted so far (the progress lines keep it)
+    report: ReportWriter | None = None  # writes the report at the end (the task scripts hand in reports.write)
+
+    @property
+    def journal(self) -> Journal:
+        return self.context.journal
+
+    def since(self) -> tuple[float, float]:
+        """What a phase's progress lines start from: the sweep's first start and its best val/acc so far."""
+        return float(self.journal.meta.get("started_at") or time.time()), self.best
+
+    def saw(self, rows: list) -> None:
+        measured = [r.val_acc for r in rows if r.role == "trial" and r.outcome in MEASURED and finite(r.val_acc)]
+        self.best = max([self.best, *measured])
 
     @property
     def n_train(self) -> int:
         return len(self.arrays["train_y"])
 
     def trainable(self, experiment_path: str):
-        from ray import tune
 
         s = self.s
         finished = self.journal.finished_trial_ids()
@@ -118,6 +143,11 @@ class Sweep:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+
+
+# The version of what a sweep saves for --resume (Tune's pickled callbacks and searchers, the journal): a sweep
+# saved under another one is refused with one line (sweeps/cli.py same_sweep), never unpickled half-fitting.
+STATE_FORMAT = 2
 
 
 def resume_record(s: Settings) -> dict:
@@ -138,53 +168,66 @@ def resume_record(s: Settings) -> dict:
         "no_baseline": not s.with_baseline,
         "warm_start": list(s.warm_start),
         "trial": s.trial_settings,
+        "format": STATE_FORMAT,
     }
     return json.loads(json.dumps(record))
 
 
-def run_sweep(s: Settings, data) -> int:
-    import ray
+def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
+    """The sweep: Ray up, its journal open, the search and confirmation Tuners fitted (`_run`), the answer."""
+    with ray_session(s), _opened(s, data) as ctx:
+        sweep = _sweep(s, data, ctx, report)
+        try:
+            return _run(sweep, data)
+        except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
+            return sweep.interrupted()
+        except BaseException as e:
+            journal = ctx.journal
+            try:
+                runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
+                journal.close(timeout=min(s.mlflow_wait, 10.0))
+            except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
+                runs.close_directly(journal)
+            if not isinstance(e, Exception) or disk_error(e) is not None:
+                raise
+            raise failed(s, e) from e
 
-    with ray_session(s):
-        journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
-        priors = _priors(s)
+
+@contextlib.contextmanager
+def _opened(s: Settings, data):
+    """The sweep's context around its journal, with what a resume must know written at the first start."""
+    journal = Journal(s.out_dir / "journal", s.tracking_uri, s.experiment, s.name)
+    ctx = open_context(journal)
+    try:
         if not journal.meta:
             meta = {"tracking_uri": s.tracking_uri, "experiment": s.experiment, "task": s.spec.task}
             meta["settings"] = resume_record(s)
-            meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, *sys.argv])}
-            if priors is not None:
-                path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
-                meta["warm_start"] = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
+            meta["started_at"] = time.time()  # the progress lines' clock counts from here, across phases and resumes
+            meta |= {"provenance": runs.provenance(), "command": shlex.join([sys.executable, s.script, *s.argv])}
             meta |= {"datasets": runs.datasets(data.manifest, s.spec.task), "data_digest": data.manifest.get("digest")}
             meta["data_n"] = {k: v["n"] for k, v in (data.manifest.get("splits") or {}).items()}
             journal.append("meta", data=meta)
-        try:
-            resources = ray.cluster_resources()
-            gpus = _gpus(s, resources.get("GPU", 0))
-            cap = min(s.max_concurrent or 10**6, s.num_samples + s.with_baseline)
-            sweep = Sweep(
-                s,
-                journal,
-                _shared_arrays(s, data),
-                gpus,
-                priors,
-                concurrency=slots(resources, s.cpus_per_trial, gpus, cap),
-            )
-            sweep.budget = settle(s, journal, data, gpus, sweep.concurrency)
-            sweep.s = fit_baseline(s, sweep.budget)
-            try:
-                return _run(sweep, data)
-            except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
-                return sweep.interrupted()
-            except BaseException:
-                try:
-                    runs.close_orphans(journal, interrupted=True)  # no run left RUNNING, however it ended
-                    journal.close(timeout=min(s.mlflow_wait, 10.0))
-                except OSError:  # the journal cannot write (a full or read-only --out): MLflow is told directly
-                    runs.close_directly(journal)
-                raise
-        finally:
-            journal.close(timeout=0)
+        yield ctx
+    finally:
+        close_context(ctx)
+        journal.close(timeout=0)
+
+
+def _sweep(s: Settings, data, ctx: SweepContext, report: ReportWriter | None) -> Sweep:
+    """The running sweep: its context, its warm-start priors, the data in Ray's object store."""
+    priors = _priors(s, ctx.journal)
+    resources = ray.cluster_resources()
+    gpus = _gpus(s, resources.get("GPU", 0))
+    cap = min(s.max_concurrent or 10**6, s.num_samples + s.with_baseline)
+    concurrency = slots(resources, s.cpus_per_trial, gpus, cap)
+    return Sweep(s, ctx, _shared_arrays(s, data), gpus, priors, concurrency=concurrency, report=report)
+
+
+def failed(s: Settings, e: Exception) -> SweepFailed:
+    """An unexpected error as one line (its traceback goes to the sweep's log file) with the resume command."""
+    log = s.out_dir / LOG_NAME
+    logging.getLogger("sweeps").error("the sweep stopped", exc_info=e)
+    return SweepFailed(f"{type(e).__name__}: {first_line(e)} (traceback in {log}); resume with: {s.resume_command}")
 
 
 def fit_baseline(s: Settings, budget: Budget) -> Settings:
@@ -203,16 +246,21 @@ def fit_baseline(s: Settings, budget: Budget) -> Settings:
 
 def _run(sweep: Sweep, data) -> int:
     """Search (in as many Tuners as the sweep was extended), confirm, finish: the sweep's whole normal path."""
-    s = sweep.s
+    sweep.budget = settle(sweep.s, sweep.journal, data, sweep.gpus, sweep.concurrency)
+    sweep.s = s = fit_baseline(sweep.s, sweep.budget)
     rows: list = []
     statuses: dict = {}
     phases = resume.phases(sweep.journal, s.name, s.num_samples)
     for i, n in enumerate(phases):
         path = resume.phase_path(s.path, i)
-        results, st = _fit(sweep, path, _search_tuner(i), n + (s.with_baseline and i == 0), ("trial", "baseline"))
+        total = n + 1 if s.with_baseline and i == 0 else n  # the first search runs the seed baseline too
+        tuner, known = _restored(sweep, path)
+        tuner = tuner or _search_tuner(sweep, path, i, total)
+        results, st = _fit(sweep, tuner, path, known, total, ("trial", "baseline"))
         if results is None:
             return sweep.interrupted()
         rows += collect(results, s.base, s.baseline)
+        sweep.saw(rows)
         statuses |= st
     close_study(s.out_dir / "optuna.db", s.name)
     done = _confirmed_before(sweep, len(phases))
@@ -225,19 +273,21 @@ def _run(sweep: Sweep, data) -> int:
         # one lucky run. A second Tuner in the same Ray session; FIFO, no search.
         print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
         path = resume.confirm_path(s.path, len(phases))
-        cresults, cstatuses = _fit(sweep, path, _confirm_tuner(confirm), len(confirm), ("confirm",))
+        tuner, known = _restored(sweep, path)
+        tuner = tuner or _tuner(sweep, path, len(confirm), FixedConfigs(Path(path).name, s.out_dir, confirm), None)
+        cresults, cstatuses = _fit(sweep, tuner, path, known, len(confirm), ("confirm",))
         if cresults is None:
             return sweep.interrupted()
         rows += collect(cresults, s.base, s.baseline)
         statuses = {**statuses, **cstatuses}
     runs.close_orphans(sweep.journal, interrupted=False)
-    summary = finish(rows, statuses, sweep.journal, data, Ending(s.out_dir, s.mlflow_wait, s.register_model))
+    ending = Ending(s.out_dir, s.mlflow_wait, s.register_model, sweep.report)
+    summary = finish(rows, statuses, sweep.journal, data, ending)
     return _exit_code(sweep, summary)
 
 
 def _confirmed_before(sweep: Sweep, phases: int) -> list:
     """The confirmation runs of the sweep before it was extended (their Tuners' saved results)."""
-    from ray import tune
 
     s, rows = sweep.s, []
     for k in range(1, phases):
@@ -248,78 +298,87 @@ def _confirmed_before(sweep: Sweep, phases: int) -> list:
     return rows
 
 
-def _priors(s: Settings) -> Priors | None:
-    """The --warm-start sweeps' trials that ran under this sweep's settings (said on stdout)."""
+def _priors(s: Settings, journal: Journal) -> Priors | None:
+    """The --warm-start sweeps' trials that ran under this sweep's settings (said on stdout; at the sweep's
+    first start, kept beside it and in the journal)."""
     if not s.warm_start:
         return None
     priors = warmstart.load(list(s.warm_start), s.out, s.trial_settings)
     for line in priors.lines():
         print(line, flush=True)
+    if "warm_start" not in journal.meta:
+        path = dump_json(priors.as_json(), s.out_dir / "warm_start.json")
+        meta = {"sources": priors.sources, "trials": len(priors.trials), "file": str(path)}
+        journal.append("meta", data={"warm_start": meta})
     return priors
 
 
-def _fit(sweep: Sweep, path: str, new_tuner, total: int, roles: tuple[str, ...]):
-    """Fit the Tuner at `path` (restored on --resume) to `total` trials; (results, statuses), or (None, {})
-    when it was interrupted (Tune returns normally after Ctrl-C, with trials still pending or running)."""
+def _restored(sweep: Sweep, path: str):
+    """(The Tuner at `path` as Tune saved it, the ids of the trials it knows) on --resume; else (None, set())."""
     s, name = sweep.s, Path(path).name
-    tuner, known = None, set()
-    if s.resume and (name in (s.name, f"{s.name}-confirm") or resume.began(path)):
-        study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
-        tuner, known = resume.restore(path, sweep.trainable(path), study)
-    tuner = tuner or new_tuner(sweep, path, total)
-    resume.adopt(sweep.journal, name, path, known, roles)
+    if not s.resume or not (name in (s.name, f"{s.name}-confirm") or resume.began(path)):
+        return None, set()
+    study = s.out_dir / "optuna.db" if name == s.name else None  # a later search's cut-short state keeps it
+    return resume.restore(path, sweep.trainable(path), study)
+
+
+def _fit(sweep: Sweep, tuner, path: str, known: set[str], total: int, roles: tuple[str, ...]):
+    """Fit `tuner` (at `path`) to `total` trials, the journal's trials that Tune's saved state does not know
+    (`known`) handed out again first; (results, statuses), or (None, {}) when it was interrupted (Tune
+    returns normally after Ctrl-C, with trials still pending or running)."""
+    resume.adopt(sweep.context, Path(path).name, path, known, roles)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
         return None, {}
-    statuses = dict(callbacks.active(s.name).trial_statuses)
+    statuses = trial_statuses(sweep.journal, results)
     if len(statuses) < total or any(v not in ("TERMINATED", "ERROR") for v in statuses.values()):
         return None, {}
     return results, statuses
 
 
-def _search_tuner(phase: int):
+def trial_statuses(journal: Journal, results) -> dict[str, str]:
+    """Trial id -> how Tune ended it (TERMINATED or ERROR), or INTERRUPTED when the journal never saw it end: on
+    Ctrl-C Tune marks its running trials TERMINATED without telling the callbacks. The journal owns the fact."""
+    out = {}
+    for r in results:
+        tid = Path(str(r.path)).name.rsplit("-", 1)[-1]  # trial folders are named <role>-<trial_id>
+        entry = journal.trials.get(journal.key_of(tid))
+        ended = entry is not None and entry.status is not None
+        out[tid] = ("ERROR" if r.error else "TERMINATED") if ended else "INTERRUPTED"
+    return out
+
+
+def _search_tuner(sweep: Sweep, path: str, phase: int, total: int):
     """A new Tuner for search `phase` (0: the sweep's first, with the baseline; then its extensions)."""
-
-    def new_tuner(sweep: Sweep, path: str, total: int):
-        from ray.tune.schedulers import FIFOScheduler
-
-        s = sweep.s
-        baseline = None
-        if s.with_baseline and phase == 0:
-            baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
-        space = Space(s.ranges, s.fixed, experiment=s.name)
-        salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
-        start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
-        known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
-        study = s.out_dir / "optuna.db"
-        searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
-        scheduler = FIFOScheduler()
-        if s.scheduler == "asha":
-            rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
-            scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
-        return _tuner(sweep, path, total, searcher, scheduler)
-
-    return new_tuner
+    s = sweep.s
+    baseline = None
+    if s.with_baseline and phase == 0:
+        baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
+    space = Space(s.ranges, s.fixed, experiment=s.name)
+    salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
+    start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
+    known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
+    study = s.out_dir / "optuna.db"
+    searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
+    scheduler = FIFOScheduler()
+    if s.scheduler == "asha":
+        rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
+        scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
+    # The search's ETA counts the confirmation to come: --confirm seeds of --confirm-top configurations.
+    return _tuner(sweep, path, total, searcher, scheduler, s.confirm * s.confirm_top)
 
 
-def _confirm_tuner(configs: list[dict]):
-    def new_tuner(sweep: Sweep, path: str, total: int):
-        return _tuner(sweep, path, total, FixedConfigs(Path(path).name, configs), None)
-
-    return new_tuner
-
-
-def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler):
-    from ray import tune
+def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler, later: int = 0):
+    """A Tuner of `total` trials; `later`: the runs of the phases after it (for the ETA)."""
 
     s = sweep.s
     mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
     b = sweep.budget
     fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
     guess = b.max_trial_s or (TRIAL_FACTOR * b.reference_s if b.reference_s else None)  # before a trial's pace
-    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess)
-    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train)
+    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess, later)
+    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train, sweep.since())
     return tune.Tuner(
         sweep.trainable(path),
         tune_config=tune.TuneConfig(
@@ -345,7 +404,7 @@ def _exit_code(sweep: Sweep, summary: dict) -> int:
     s, journal = sweep.s, sweep.journal
     left = journal.close(timeout=s.mlflow_wait)
     if left:
-        sync_cmd = shlex.join([sys.executable, sys.argv[0], "--sync", "--name", s.name, "--out", str(s.out)])
+        sync_cmd = shlex.join([sys.executable, s.script, "--sync", "--name", s.name, "--out", str(s.out)])
         print(
             f"{s.spec.task} sweep: error: MLflow at {s.tracking_uri} stayed unreachable; {left} writes are "
             f"kept in {journal.folder}. Once it is back: {sync_cmd}",
@@ -355,7 +414,17 @@ def _exit_code(sweep: Sweep, summary: dict) -> int:
     if journal.rejected:
         print(f"{s.spec.task} sweep: error: MLflow refused {journal.rejected} writes; see {journal.rejected_path}")
         return EXIT_FAILED
-    return EXIT_FAILED if summary["failed"] else EXIT_OK
+    if summary["failed"]:
+        trial, outcome, error = summary["failures"][0]
+        counts = ", ".join(f"{sum(f[1] == k for f in summary['failures'])} {k}" for k in FAILED)
+        print(
+            f"{s.spec.task} sweep: error: {summary['failed']} run(s) failed ({counts}); the first, {trial}: "
+            f"{outcome}: {error or 'no message'} (details in {s.out_dir / LOG_NAME}); to run them again: "
+            f"{s.resume_command}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _shared_arrays(s: Settings, data) -> dict:

@@ -4,8 +4,9 @@
 trial (through `tune.with_parameters`, so it reaches workers on any node). Each fault:
 
     {"kind": "raise" | "oom" | "kill" | "sleep",
-     "at": "epoch_end" | "checkpoint" | "probe",   # after an epoch's metrics / inside the checkpoint write /
-                                           # in the cost guard's probe, as if the timed steps took longer (epoch 0)
+     "at": "epoch_end" | "checkpoint" | "probe" | "start",   # after an epoch's metrics / inside the checkpoint
+                                           # write / in the cost guard's probe, as if the timed steps took longer
+                                           # (epoch 0) / as the trial's worker starts, before any import (epoch 0)
      "epoch": 2,                            # optional: only at this epoch
      "match": {"role": "trial", "batch_size": [">=", 64]},   # optional: on the trial's config
      "once": "/tmp/marker",                 # optional: fire only if this file is absent (then create it)
@@ -28,7 +29,7 @@ from pathlib import Path
 
 ENV = "CNNCLF_FAULTS"
 KINDS = ("raise", "oom", "kill", "sleep", "disk_full")
-POINTS = ("epoch_end", "checkpoint", "probe", "journal")
+POINTS = ("epoch_end", "checkpoint", "probe", "start", "journal")
 
 
 def load() -> list[dict]:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cnnclf.config import TrainConfig
+from cnnclf.data import Normalizer
+from cnnclf.train import load_model
+from sweeps import logged_model
 from sweeps.journal import SWEEP_KEY
 from sweeps.runs import close_parent, describe_parent, log_summary
 from sweeps.spec import (
@@ -49,30 +54,46 @@ class Row:
     def metrics(self) -> dict:
         return getattr(self.result, "metrics", None) or {}
 
+    def error_line(self) -> str:
+        """What it failed with, in one line (its recorded error, or the exception Tune kept)."""
+        error = self.metrics.get("error") or getattr(self.result, "error", None) or ""
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        return " ".join(text.split())[:300]
+
     def as_run(self) -> Run:
         """What sweeps.spec.answer needs of this row (its val/acc and test/acc as collected)."""
         m = {**self.metrics, METRIC: self.val_acc, "test/acc": self.test_acc}
         return Run.of(self.trial_id, self.role, self.outcome, m, confirm_of=self.confirm_of, seed=self.cfg.seed)
 
 
+def started_config(path: object) -> dict:
+    """A trial's config from its folder's params.json, for a result without one (its worker died while the
+    trial's actor started); {} when that is missing too: the row is then a search trial of the base config."""
+    try:
+        return dict(json.loads((Path(str(path)) / "params.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def collect(results, base: TrainConfig, baseline: TrainConfig) -> list[Row]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        cfg = config_of(r.config, base, baseline)
-        outcome = outcome_of(m, cfg.epochs, errored=r.error is not None)
+        config = r.config if r.config is not None else started_config(r.path)
+        cfg = config_of(config, base, baseline)
+        outcome = outcome_of(m, cfg.epochs, errored=r.error)
         ok = outcome in ("completed", "early_stopped")
         rows.append(
             Row(
                 trial_id=m.get("trial_id") or Path(str(r.path)).name.split("-")[-1],
-                role=r.config.get("role", "trial"),
+                role=config.get("role", "trial"),
                 outcome=outcome,
                 cfg=cfg,
                 val_acc=m.get(METRIC) if ok and finite(m.get(METRIC)) else None,
                 test_acc=m.get("test/acc") if ok and finite(m.get("test/acc")) else None,
                 epochs=m.get("epoch"),
                 result=r,
-                confirm_of=r.config.get("confirm_of"),
+                confirm_of=config.get("confirm_of"),
             )
         )
     return rows
@@ -146,10 +167,6 @@ def _fmt(r: Row) -> str:
 
 def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int = 0) -> dict:
     """The best model's predictions on n seeded-random test images (for the report's grid)."""
-    import torch
-
-    from cnnclf.data import Normalizer
-    from cnnclf.train import load_model
 
     model, _, meta = load_model(checkpoint, "cpu")
     g = torch.Generator().manual_seed(seed)
@@ -166,6 +183,10 @@ def sample_predictions(checkpoint: Path, data, n: int = SAMPLE_IMAGES, seed: int
     }
 
 
+# (tracking URI, experiment, sweep names, out folder) -> the files written (report.md first, then report.html)
+ReportWriter = Callable[[str, str, list[str], Path], list]
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a sweep ends: where its files go and what it tells MLflow."""
@@ -173,6 +194,7 @@ class Ending:
     out_dir: Path
     wait: float = 60.0  # seconds to wait for an unreachable MLflow server before leaving writes spooled
     register_model: str | None = None  # --register-model
+    report: ReportWriter | None = None  # writes report.md/html (None: no report)
 
 
 def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
@@ -194,6 +216,7 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
     summary = {
         "outcomes": outcomes,
         "failed": sum(r.outcome in FAILED for r in rows),  # confirmation runs too
+        "failures": [[r.trial_id, r.outcome, r.error_line()] for r in rows if r.outcome in FAILED],
         "data": {"files_skipped": data.manifest.get("files_skipped", 0)},
         "baseline_test_acc": base_row.test_acc if base_row else None,
         "confirmation": confirm,
@@ -206,7 +229,7 @@ def finish(rows: list[Row], statuses: dict, journal, data, end: Ending) -> dict:
         log_model(journal, end.out_dir / "best_model.pt", data, best["trial_id"], end.register_model, source)
     journal.append("meta", data={"finished": True})
     if journal.flush(timeout=end.wait):  # the report reads what was just logged
-        write_report(journal, end.out_dir)
+        write_report(journal, end.out_dir, end.report)
         print_model(journal, end.register_model)
         run, table, serve = ui_urls(journal.tracking_uri, journal.experiment_id, journal.run_ids[SWEEP_KEY])
         print(f"MLflow: this sweep {run}\nMLflow: all runs of {journal.experiment} {table}", flush=True)
@@ -366,9 +389,8 @@ def log_model(journal, checkpoint: Path, data, trial_id: str, register: str | No
     """Journal the best checkpoint as an MLflow pyfunc model (sweeps/model.py) on the parent run, registered
     under `register` (--register-model) when given. best_model.pt stays an artifact of its own as well."""
     try:
-        from sweeps import model
-
-        op = model.journal_op(checkpoint, data.test_x, checkpoint.parent, journal.sweep, trial_id, register, source)
+        where = (checkpoint, data.test_x, checkpoint.parent)
+        op = logged_model.journal_op(*where, journal.sweep, trial_id, register, source)
     except Exception as e:
         print(f"warning: the best model cannot be logged as an MLflow model: {type(e).__name__}: {e}", file=sys.stderr)
         return
@@ -385,14 +407,13 @@ def print_model(journal, register: str | None) -> None:
         print(f"MLflow: registered as models:/{register}/{journal.registered[register]}", flush=True)
 
 
-def write_report(journal, out_dir: Path) -> list[Path]:
-    """Write the report (reports package) from MLflow, and journal its files onto the parent run."""
-    try:
-        from reports import build_report
-    except ImportError:
+def write_report(journal, out_dir: Path, report: ReportWriter | None) -> list[Path]:
+    """Write the report with `report` (the task scripts hand in `reports.write`: no sweeps module imports
+    reports) from MLflow, and journal its files onto the parent run. A failure is said in one line."""
+    if report is None:
         return []
     try:
-        written = [Path(p) for p in build_report(journal.tracking_uri, journal.experiment, [journal.sweep], out_dir)]
+        written = [Path(p) for p in report(journal.tracking_uri, journal.experiment, [journal.sweep], out_dir)]
     except Exception as e:
         print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
         return []

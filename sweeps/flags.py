@@ -69,7 +69,7 @@ def _search_flags(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
         type=float,
         default=None,
         help="--budget-by time: a search trial projected to train longer stops as too_slow; also ASHA's last "
-        "rung (default: 30x the baseline's measured training time at --max-epochs, at least 1 minute)",
+        "rung (default: 2x the reference configuration's measured training time at --max-epochs, at least 1 minute)",
     )
     p.add_argument(
         "--grace-period", type=int, default=1, help="ASHA with --budget-by epochs: epochs before a trial can be stopped"

@@ -38,9 +38,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
 from cnnclf.args import UsageError
 from cnnclf.config import name_error
 from sweeps import faults
+from sweeps.registry import CODE, REQUIREMENT
 
 SWEEP_KEY = "sweep"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -49,14 +52,6 @@ STATUSES = ("RUNNING", "SCHEDULED", *TERMINAL)
 # 5xx, "database is locked") is an outage, and the op waits for the server to come back.
 PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
-
-
-_LIVE: dict[Path, Journal] = {}  # folder -> the journal this process opened on it
-
-
-def live(folder: Path) -> Journal:
-    """The journal this driver opened on `folder` (it opens each before any Tuner starts)."""
-    return _LIVE[Path(folder).resolve()]
 
 
 class JournalError(UsageError):
@@ -134,7 +129,6 @@ class Journal:
         self._client = None
         self.logged_models: dict[str, str] = {}  # "model" ops applied in this process: name -> model id
         self.registered: dict[str, str] = {}  # and their registered versions: registered name -> version
-        _LIVE[self.folder.resolve()] = self  # what callbacks that Tune unpickled on --resume write through
 
     # --- the ledger ---------------------------------------------------------------------------
 
@@ -313,7 +307,6 @@ class Journal:
         return self.run_ids[key]
 
     def _apply(self, op: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
 
         kind, key, c = op["op"], op.get("key"), self.client
         if kind in ("meta", "alias"):
@@ -385,7 +378,6 @@ class Journal:
         """A "model" op as it is logged: its code is sweeps/model.py (any other file named is Refused, never
         run), its checkpoint and input example are files inside the sweep's folder, and its requirements pin
         only the packages that code imports (they are installed wherever the model is served)."""
-        from sweeps.registry import CODE, REQUIREMENT
 
         if (self.root / op.get("code", CODE)).resolve() != CODE:
             raise Refused(f"a model's code is {CODE}, not {op['code']}")
@@ -624,7 +616,6 @@ def _is_json(line: bytes) -> bool:
 
 
 def _dataset_input(d: dict):
-    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     fields = {k: d[k] for k in ("name", "digest", "source_type", "source", "schema", "profile") if k in d}
     return DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", d["context"])])

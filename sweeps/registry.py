@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 
 from cnnclf.args import described
 
@@ -29,8 +37,6 @@ def log_model(j, run_id: str, op: dict) -> None:
     with its tracking URI and the run's experiment and no active run: create the LoggedModel, link it to
     the run as an output, save the model locally, load it back and predict the input example, upload,
     finalize."""
-
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     c, exp = j.client, j.experiment_id_now()
     marker = f"{j.sweep}/{op['key']}/{op['name']}" + (f"@{op['digest'][:16]}" if op.get("digest") else "")
@@ -69,8 +75,6 @@ def log_model(j, run_id: str, op: dict) -> None:
 def _register(j, name: str, model, run_id: str) -> None:
     """A version of registered model `name` whose source is `models:/<model_id>` (the UI then links the
     LoggedModel), unless one exists."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
 
     c, source = j.client, f"models:/{model.model_id}"
     try:
@@ -107,12 +111,6 @@ def _link_version(j, model_id: str, name: str, version: str) -> None:
 
 def _save_and_upload(j, model, run_id: str, op: dict) -> None:
     """Save the model locally, load it back and predict its input example, upload it, mark it READY."""
-    import tempfile
-
-    import mlflow.pyfunc
-    import numpy as np
-    from mlflow.entities import LoggedModelStatus
-    from mlflow.models import Model, ModelSignature
 
     c = j.client
     with tempfile.TemporaryDirectory(prefix="cnnclf-model-") as tmp:

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cloudpickle
+from ray import tune
+
 from sweeps.journal import SWEEP_KEY
-from sweeps.searchers import hand_out_again
 from sweeps.spec import META_KEYS
 
 
@@ -70,19 +72,19 @@ def _strip(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in META_KEYS or k == "role"}
 
 
-def adopt(journal, experiment: str, path: str, known: set[str], roles: tuple[str, ...]) -> Orphans:
-    """Hand the orphans of `experiment` (run at `path`) to its searcher, to be handed out again first."""
-    orphans = Orphans.from_journal(journal, known, path, roles)
+def adopt(ctx, experiment: str, path: str, known: set[str], roles: tuple[str, ...]) -> Orphans:
+    """Hand the orphans of `experiment` (run at `path`) to its searcher, through the sweep's context
+    (sweeps/context.py), to be handed out again first."""
+    orphans = Orphans.from_journal(ctx.journal, known, path, roles)
     if orphans.entries:
         print(f"{len(orphans.entries)} trial(s) began after Tune's last snapshot; they continue where they were")
-    hand_out_again(experiment, orphans)
+    ctx.orphans[experiment] = orphans
     return orphans
 
 
 def restore(path: str, trainable, study: Path | None = None):
     """(Tuner, ids of the trials it knows) restored from `path`; (None, set()) when Tune's state there is
     missing or was cut short: it is then set aside (with the Optuna study) and the caller starts afresh."""
-    from ray import tune
 
     if can_restore(path):
         print(f"resuming {Path(path).name} from {path}", flush=True)
@@ -104,7 +106,6 @@ def can_restore(path: str) -> bool:
     one truncated, and Tune's own fallback then silently starts the experiment over. A local
     experiment with such a file is not restorable; the sweep continues from its journal instead.
     """
-    from ray import tune
 
     try:
         if not tune.Tuner.can_restore(path):
@@ -113,7 +114,6 @@ def can_restore(path: str) -> bool:
         return False
     if "://" in path:
         return True
-    import cloudpickle
 
     folder = Path(path)
     states = sorted(folder.glob("experiment_state-*.json"))

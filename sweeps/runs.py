@@ -7,7 +7,14 @@ uses the descriptions and datasets for the trials' runs.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 from cnnclf.config import TrainConfig
 from sweeps.journal import SWEEP_KEY, Journal, now_ms
@@ -68,9 +75,6 @@ def epochs_text(n: int) -> str:
 
 def provenance() -> dict:
     """MLflow's provenance tags for runs this driver creates: who, which script, which commit."""
-    import getpass
-    import subprocess
-    import sys
 
     tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": sys.argv[0], "mlflow.source.type": "LOCAL"}
     root = Path(__file__).resolve().parents[1]
@@ -86,7 +90,6 @@ def provenance() -> dict:
 def datasets(manifest: dict, task: str) -> list[dict]:
     """The data as MLflow datasets, one per split (context train, val or test): the split's file-list
     digest, its size, the layout and what was skipped, as the run's Datasets column shows them."""
-    import json
 
     out = []
     for split, info in (manifest.get("splits") or {}).items():
@@ -121,9 +124,6 @@ def close_directly(journal: Journal) -> None:
     """No run left RUNNING when the journal itself cannot write (its disk full or read-only): what it holds is
     written first, then the runs still open are closed as KILLED straight through MLflow, whose store may
     live elsewhere. A resume reopens them (sweeps/resume.py)."""
-    import contextlib
-
-    from mlflow.tracking import MlflowClient
 
     journal.flush(timeout=10.0)
     client = MlflowClient(tracking_uri=journal.tracking_uri)
@@ -138,7 +138,6 @@ def close_directly(journal: Journal) -> None:
 
 def log_summary(journal: Journal, best: dict | None, summary: dict, files: list[tuple[Path, str | None]]) -> None:
     """The best trial (`best.*` tags, `best/*` scores), outcome counts and artifacts, on the parent."""
-    import json
 
     ts = now_ms()
     metrics = {f"trials/{k}": v for k, v in summary["outcomes"].items()}

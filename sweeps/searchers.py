@@ -24,33 +24,16 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from cnnclf.config import TrainConfig
+from sweeps import context
 from sweeps.spec import METRIC, MODE, SEARCH_PARAMS, Ranges, applies
 from sweeps.warmstart import SETTINGS_ATTR, WARM_ATTR
 
-_ASKED: dict[str, int] = {}  # experiment name -> number of the Optuna trial its Space was last asked for
-_HAND_OUT_AGAIN: dict[str, object] = {}  # experiment name -> trials to hand out again first (sweeps/resume.py)
-
-
-def hand_out_again(experiment: str, orphans: object) -> None:
-    """Give the searcher of `experiment`, fresh or unpickled by Tune's restore, trials to hand out again
-    first (duck-typed: `claim(config) -> config`, `unclaimed(role)`, `enqueued`; see sweeps/resume.py)."""
-    _HAND_OUT_AGAIN[experiment] = orphans
-
-
-def _orphans(experiment: str):
-    return _HAND_OUT_AGAIN.get(experiment)
-
-
-_STORAGES: dict[Path, optuna.storages.RDBStorage] = {}
-
 
 def optuna_storage(path: Path) -> optuna.storages.RDBStorage:
-    """The study's SQLite storage, one connection pool per file in this process."""
+    """The study's SQLite storage."""
     path = Path(path).resolve()
-    if path not in _STORAGES:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _STORAGES[path] = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    return _STORAGES[path]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{path}")
 
 
 class Space:
@@ -85,7 +68,6 @@ class Space:
         params["width"] = pick("width", lambda: trial.suggest_categorical("width", r.width))
         params.update({k: v for k, v in fixed.items() if k not in params and k not in ("momentum", "amsgrad")})
         params["role"] = "trial"
-        _ASKED[self.experiment] = trial.number  # so the searcher can find this trial in the study again
         return params
 
 
@@ -126,10 +108,6 @@ class BaselineThenOptuna(Searcher):
     search space), then delegates to OptunaSearch. An errored trial is told to Optuna as FAIL,
     not as COMPLETE with its last value; every told trial carries a `status` user attribute."""
 
-    # Class defaults for searchers pickled before these attributes existed (a sweep resumed across versions).
-    tune_name: str | None = None
-    settings: dict = {}  # noqa: RUF012 (never mutated; instances assign their own)
-
     def __init__(
         self, space: Space, baseline: dict | None, seed: int, study: Path, known: Known | None = None, tune_name=None
     ) -> None:
@@ -139,13 +117,14 @@ class BaselineThenOptuna(Searcher):
         self.study_path = study
         known = known or Known()
         self.settings = known.settings
+        self.storage = optuna_storage(study)  # one connection pool for this searcher and its OptunaSearch
         self.inner = OptunaSearch(
             space=space,
             metric=METRIC,  # define-by-run: metric and mode must be given here, or the sweep fails
             mode=MODE,
             sampler=TPESampler(seed=known.sampler_seed(seed), multivariate=True, group=True, n_startup_trials=8),
             study_name=space.experiment,
-            storage=optuna_storage(study),
+            storage=self.storage,
         )
         study_now = self.study()
         if known.start and not known.prior and not study_now.get_trials(deepcopy=False):
@@ -160,7 +139,7 @@ class BaselineThenOptuna(Searcher):
         return self.inner.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str):
-        orphans = _orphans(self.tune_name or self.experiment)
+        orphans = context.of(self.study_path.parent).orphans.get(self.tune_name or self.experiment)
         if self.baseline is not None and self.baseline_trial is None:
             self.baseline_trial = trial_id
             return orphans.claim(dict(self.baseline)) if orphans else dict(self.baseline)
@@ -169,8 +148,17 @@ class BaselineThenOptuna(Searcher):
         config = self.inner.suggest(trial_id)
         if not isinstance(config, dict):
             return config
-        self.numbers[trial_id] = _ASKED[self.experiment]
+        if trial_id not in self.numbers:
+            self.numbers[trial_id] = self._asked(config)
         return orphans.claim(config) if orphans else config
+
+    def _asked(self, config: dict) -> int:
+        """The number of the Optuna trial OptunaSearch just asked for `config`: the running trial of the study,
+        not yet handed to a Tune trial, whose suggested values `config` holds (the newest, if several do)."""
+        taken = set(self.numbers.values())
+        running = self.study().get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        mine = [t.number for t in running if t.number not in taken and t.params.items() <= config.items()]
+        return max(mine)
 
     def _enqueue(self, orphans) -> None:
         """Optuna hands orphans' exact values out next, under this study's bookkeeping; not twice, when an
@@ -188,7 +176,7 @@ class BaselineThenOptuna(Searcher):
             orphans.enqueued.add(o.trial_id)
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.experiment, storage=optuna_storage(self.study_path))
+        return optuna.load_study(study_name=self.experiment, storage=self.storage)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.numbers:
@@ -201,7 +189,7 @@ class BaselineThenOptuna(Searcher):
         # reported), not NaN, so TPE learns from them; too slow ones as pruned; the attribute says why.
         last = result or {}
         status = "error" if error else last.get("failure") or ("diverged" if last.get("diverged") else "completed")
-        storage = optuna_storage(self.study_path)  # public BaseStorage calls: set before the trial is told
+        storage = self.storage  # public BaseStorage calls: set before the trial is told
         study_id = storage.get_study_id_from_name(self.experiment)
         tid = storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
         storage.set_trial_user_attr(tid, "status", status)
@@ -281,9 +269,9 @@ def close_study(path: Path, experiment: str) -> Path | None:
 class FixedConfigs(Searcher):
     """Hands out a fixed list of configs in order (the confirmation runs), then FINISHED."""
 
-    def __init__(self, experiment: str, configs: list[dict]) -> None:
+    def __init__(self, experiment: str, folder: Path, configs: list[dict]) -> None:
         super().__init__(metric=METRIC, mode=MODE)
-        self.experiment = experiment
+        self.experiment, self.folder = experiment, folder  # the Tune experiment; the sweep's folder (its context)
         self.configs = [dict(c) for c in configs]
         self.issued: dict[str, int] = {}  # trial_id -> index
 
@@ -294,7 +282,7 @@ class FixedConfigs(Searcher):
             return Searcher.FINISHED
         self.issued[trial_id] = len(self.issued)
         config = dict(self.configs[self.issued[trial_id]])
-        orphans = _orphans(self.experiment)
+        orphans = context.of(self.folder).orphans.get(self.experiment)
         return orphans.claim(config) if orphans else config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

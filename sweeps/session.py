@@ -4,10 +4,17 @@ handled as Ctrl-C, MLflow's own HTTP retries off (the journal retries)."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
+
+import optuna
+import ray
 
 from cnnclf.args import UsageError, first_line
 
@@ -18,8 +25,6 @@ EXIT_USAGE = 2
 def ray_session(s):
     """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
     at the end. SIGTERM then takes Ctrl-C's path."""
-    import optuna
-    import ray
 
     # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -42,6 +47,40 @@ def ray_session(s):
         yield
     finally:
         ray.shutdown()
+
+
+def disk_error(e: BaseException | None) -> OSError | None:
+    """The full or read-only disk behind an exception, following its causes; None when there is none."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+class SweepFailed(Exception):
+    """The sweep stopped on an unexpected error: its one-line cause, where the traceback is, how to resume."""
+
+
+LOG_NAME = "sweep.log"  # beside the sweep's journal, in --out/<name>/
+NOISY = ("ray", "mlflow", "optuna", "sweeps")  # loggers whose messages go to the log file instead of the console
+
+
+def log_to_file(path: Path) -> Path:
+    """Ray's, Tune's, MLflow's and Optuna's log records go to `path` (appended: a resumed sweep adds to it), not
+    the console: their INFO lines, token warnings and a failed trial's traceback. The sweep's own lines
+    (progress, outcomes, one-line errors) are printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in NOISY:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
 
 
 @contextlib.contextmanager
@@ -75,7 +114,6 @@ def _deadline(seconds: float | None, task: str, address: str | None):
 def sigterm_as_sigint() -> None:
     """SIGTERM (`kill`, `timeout`, `ray job stop`) takes Ctrl-C's path: trials stop, state is saved,
     runs are closed as KILLED, and the resume command is printed. A second signal is not softened."""
-    import signal
 
     def handler(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

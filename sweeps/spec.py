@@ -160,10 +160,22 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(["python", "-m", "cnnclf", "train", *cfg.cli_args()])
 
 
-def outcome_of(last: dict, planned_epochs: int, errored: bool = False) -> str:
-    """A trial's outcome from its last reported result."""
+# What a trial's error says when its worker was killed for memory: Ray's memory monitor raises
+# ray.exceptions.OutOfMemoryError ("...killed due to the node running low on memory"), torch its own.
+MEMORY_KILL = ("OutOfMemoryError", "running low on memory", "memory monitor")
+
+
+def error_outcome(error: object) -> str:
+    """The outcome of a trial that ended in `error` (an exception or its text): oom when its worker ran out
+    of memory (or Ray killed it for memory), else error."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return "oom" if any(k in text for k in MEMORY_KILL) else "error"
+
+
+def outcome_of(last: dict, planned_epochs: int, errored: object = False) -> str:
+    """A trial's outcome from its last reported result (`errored`: the error it ended in, if any)."""
     if errored:
-        return "error"
+        return error_outcome(errored) if not isinstance(errored, bool) else "error"
     if last.get("failure"):
         return str(last["failure"])  # oom
     if last.get("diverged"):

@@ -7,6 +7,7 @@ MLflow itself is imported only by `prepare`, so that a bad URI is refused in mil
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import sys
@@ -14,6 +15,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mlflow.exceptions import MlflowException
+from mlflow.store.db.base_sql_model import Base
+from mlflow.store.db.utils import InitialBase, _get_latest_schema_revision
+from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -36,9 +43,6 @@ def missing_artifacts(uri: str) -> list[str]:
     without them keeps absolute artifact paths, and MLflow then lists no artifacts, without an error).
 
     Only a finished sweep's parent run is known to have artifacts (MLflow makes folders lazily)."""
-    from urllib.parse import unquote, urlparse
-
-    from mlflow.tracking import MlflowClient
 
     c, gone = MlflowClient(tracking_uri=uri), []
     for exp in c.search_experiments():
@@ -151,8 +155,6 @@ def sqlite_tables(path: Path) -> set[str] | None:
 
 def mlflow_tables(db: Path) -> set[str] | None:
     """The tables of an MLflow SQLite database, maybe half-made by a killed migration; None for any other file."""
-    from mlflow.store.db.base_sql_model import Base
-    from mlflow.store.db.utils import InitialBase
 
     tables = sqlite_tables(db)
     ours = set(Base.metadata.tables) | set(InitialBase.metadata.tables) | {"alembic_version"}
@@ -173,7 +175,6 @@ def prepare(uri: str) -> None:
     db = sqlite_path(uri)
     if db is None:
         return
-    import fcntl
 
     # The lock lives beside the database (a folder `check` found writable), not at a fixed name in a
     # shared /tmp; O_NOFOLLOW refuses a planted symlink and nothing is ever truncated.
@@ -188,8 +189,6 @@ def prepare(uri: str) -> None:
 
 
 def _repair(uri: str, db: Path) -> None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     tables = mlflow_tables(db) if db.is_file() and db.stat().st_size > 0 else None
     revision, has_runs = _schema(db, tables) if tables else (None, False)
@@ -225,7 +224,6 @@ def _repair(uri: str, db: Path) -> None:
 def schema_head() -> str:
     """The schema revision this MLflow writes (the head of its migrations). Private: MLflow has no
     public call for it (docs/internals.md lists it with the test that catches its change)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
 

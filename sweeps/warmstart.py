@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+
 from cnnclf.args import UsageError, first_line
 from cnnclf.config import TrainConfig
 from sweeps.spec import SEARCH_PARAMS, Ranges, finite
@@ -148,7 +150,6 @@ def _finished(path: Path, name: str) -> list:
 
     Optuna reads a copy (SQLite's backup of the read-only source) in a temporary folder: whatever it
     writes (its schema, a migration, a lock) goes there, never into the source."""
-    import optuna
 
     with tempfile.TemporaryDirectory(prefix="cnnclf-warm-start-") as tmp:
         copy = Path(tmp) / STUDY_FILE
@@ -180,7 +181,6 @@ def _finished(path: Path, name: str) -> list:
 
 def _unusable(t) -> str | None:
     """Why a finished trial cannot seed the sampler whatever its settings; None when it can."""
-    import optuna
 
     if t.state == optuna.trial.TrialState.COMPLETE and not finite(t.value):
         return "a value that is not a finite number"
@@ -213,7 +213,6 @@ def _v(x) -> str:
 
 def _copy(t, sweep: str):
     """A new trial with the same values, distributions, value and state, marked as prior knowledge."""
-    import optuna
 
     return optuna.trial.create_trial(
         state=t.state,

@@ -18,10 +18,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Result
 from ray.tune.experiment import Trial
 
+import reports
 from cnnclf.config import PRESETS, TrainConfig
 from cnnclf.data import load_task
 from sweeps import stats, store
 from sweeps.callbacks import MLflowCallback
+from sweeps.context import open_context
 from sweeps.finish import Ending, collect, finish
 from sweeps.journal import Journal
 from sweeps.spec import Run, answer, chance_flag
@@ -57,6 +59,7 @@ class FakeSweep:
         self.out = tmp_path / "out" / name
         self.journal = Journal(self.out / "journal", self.uri, "cifar10", name, verbose=False)
         self.journal.append("meta", data={"tracking_uri": self.uri, "experiment": "cifar10", "task": "cifar10"})
+        open_context(self.journal)  # as the driver does: the callback finds the journal through it
         self.cb = MLflowCallback(self.journal, BASE, BASELINE, {"num_samples": 2}, name)
         self.cb.setup()
         self.results: list[Result] = []
@@ -75,7 +78,7 @@ class FakeSweep:
         data = load_task("cifar10", write_cifar_folders(self.tmp / "cifar", 8, 2), download_missing=False)
         rows = collect(self.results, BASE, BASELINE)
         statuses = {r.metrics["trial_id"]: "TERMINATED" for r in self.results}
-        summary = finish(rows, statuses, self.journal, data, Ending(self.out, wait=60.0))
+        summary = finish(rows, statuses, self.journal, data, Ending(self.out, wait=60.0, report=reports.write))
         self.journal.close(timeout=30)
         return summary
 
@@ -307,3 +310,69 @@ def test_the_reproduce_command_gives_the_recorded_accuracy(smoke_sweep):
     assert out["data"]["digest"] == best["data"]["digest"]  # the same images
     assert out["test/acc"] == pytest.approx(best["command_gives"]["test/acc"], abs=0.005)
     assert out["val/acc"] == pytest.approx(best["command_gives"]["val/acc"], abs=0.005)
+
+
+def test_the_resume_command_repeats_the_flags_main_was_given_not_sys_argv(monkeypatch):
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import settings
+    from sweeps.flags import build_parser
+
+    monkeypatch.setattr("sys.argv", ["pytest", "-x", "--not-a-sweep-flag"])
+    argv = ["--num-samples", "3", "--max-epochs", "2", "--name", "given"]
+    s = settings(SPEC, build_parser(SPEC).parse_args(argv), argv)[0]
+    assert s.resume_command.endswith("--num-samples 3 --max-epochs 2 --name given --resume")
+    assert "sweeps/cifar10.py" in s.resume_command and "--not-a-sweep-flag" not in s.resume_command
+    assert s.argv == tuple(argv) and s.script.endswith("cifar10.py")
+
+
+def test_a_report_that_cannot_be_written_is_one_warning_line_and_none_is_not_a_silent_import(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from sweeps.finish import write_report
+
+    journal = SimpleNamespace(tracking_uri="sqlite:///x.db", experiment="cifar10", sweep="s")
+
+    def broken(*args):
+        raise ValueError("no runs of sweep s")
+
+    assert write_report(journal, tmp_path, broken) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: the report could not be written: ValueError: no runs of sweep s"]
+    assert write_report(journal, tmp_path, None) == []  # no writer given (a library caller): nothing to write
+
+
+def test_a_trial_whose_worker_died_is_a_recorded_failure_oom_when_killed_for_memory(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from sweeps.cifar10 import SPEC
+    from sweeps.finish import collect
+    from sweeps.spec import error_outcome
+
+    ray_oom = "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    assert error_outcome(ray_oom) == "oom" and error_outcome(RuntimeError("boom")) == "error"
+    # Ray's memory monitor killed the worker while the trial's actor started: Tune's Result has no config.
+    folder = tmp_path / "trial-abc12345"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"role": "trial", "lr": 0.01, "optimizer": "sgd"}))
+    killed = SimpleNamespace(metrics={}, config=None, path=str(folder), error=RuntimeError(ray_oom))
+    lost = SimpleNamespace(metrics={}, config=None, path=str(tmp_path / "trial-gone0000"), error=RuntimeError("x"))
+    rows = collect([killed, lost], SPEC.base, SPEC.baseline)
+    got = [(r.trial_id, r.outcome, r.role) for r in rows]
+    assert got == [("abc12345", "oom", "trial"), ("gone0000", "error", "trial")]
+    assert rows[0].cfg.lr == 0.01 and "running low on memory" in rows[0].error_line()
+
+
+def test_a_sweep_saved_by_another_version_is_refused_in_one_line():
+    from cnnclf.args import UsageError
+    from sweeps.cifar10 import SPEC
+    from sweeps.cli import same_sweep, settings
+    from sweeps.driver import resume_record
+    from sweeps.flags import build_parser
+
+    args = build_parser(SPEC).parse_args(["--num-samples", "4", "--name", "old"])
+    s = settings(SPEC, args)[0]
+    assert same_sweep(s, args, {"settings": resume_record(s)}) == s
+    older = {k: v for k, v in resume_record(s).items() if k != "format"}  # before the format was recorded
+    with pytest.raises(UsageError, match=r"sweep 'old' was saved by another version .*state format 1; this one reads"):
+        same_sweep(s, args, {"settings": older})

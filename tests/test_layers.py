@@ -25,3 +25,15 @@ def test_import_contracts_hold():
         timeout=120,
     )
     assert proc.returncode == 0, f"lint-imports exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_the_sweep_never_imports_the_models_code_file_so_importing_it_has_no_side_effect():
+    """sweeps/model.py hands MLflow the model as it is imported (MLflow's models from code): only MLflow runs
+    it. The sweep's own modules, the task scripts and the user's `load_images` leave it alone."""
+    code = (
+        "import sys, sweeps.cifar10, sweeps.catdog, sweeps.logged_model; "
+        "assert 'sweeps.model' not in sys.modules, 'imported'; "
+        "assert 'reports.report' not in sys.modules, 'the report is loaded on its first call'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

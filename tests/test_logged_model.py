@@ -123,7 +123,7 @@ def test_parent_run_has_one_logged_model_with_signature_example_and_classes(swep
 
 @pytest.mark.slow
 def test_registered_and_run_models_predict_like_cnnclf_predict(swept, tracking, offline):
-    from sweeps.model import load_images
+    from sweeps.logged_model import load_images
 
     expected = cnnclf_predict(swept["tmp"] / "out" / SWEEP / "best_model.pt", swept["files"])
     version = swept["client"].get_model_version(REGISTERED, "1")

@@ -247,6 +247,23 @@ def test_worker_killed_trial_resumes_from_its_checkpoint(tmp_path, cifar_dir):
     assert last["training_iteration"] == 3 and last["iterations_since_restore"] < 3  # resumed, not restarted
 
 
+
+def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, cifar_dir):
+    """A worker that dies before its trial has reported anything (as when Ray's memory monitor kills it while
+    the actor starts) is a trial failure: retried under --max-failures, then it trains as usual."""
+    once = tmp_path / "killed"
+    faults = [{"kind": "kill", "at": "start", "match": {"role": "trial"}, "once": str(once)}]
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "1", "--max-epochs", "1", "--no-baseline", "--max-failures", "1",
+        *SMALL, *paths(tmp_path, "ks"),
+    ]  # fmt: skip
+    r = run(tmp_path, args, faults)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert once.exists() and "Traceback" not in r.stdout + r.stderr  # the worker really was killed, quietly
+    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "ks")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "completed"
+    assert runs[0].data.tags.get("retries") == "1" and "test/acc" in runs[0].data.metrics
+
 # --- 3. a trial that always raises; 6. out of memory ------------------------------------------
 
 
@@ -287,6 +304,7 @@ def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
     oom = [c for c in runs if c.data.tags["status"] == "oom"]
     assert len(oom) == 1 and oom[0].info.status == "FAILED" and "OutOfMemoryError" in oom[0].data.tags["error"]
     assert oom[0].data.tags.get("retries") is None  # not retried: it would run out of memory again
+    assert oom[0].data.metrics["resources/gpu_mem_after_mb"] == 0.0  # the failure's own result reached MLflow
     later = [c for c in runs if c.info.start_time > oom[0].info.end_time]
     assert later and all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in later)
     trials = study(tmp_path, "oom").trials
@@ -527,3 +545,39 @@ def test_interrupt_while_the_last_trials_run_saves_state_and_resumes(tmp_path, c
     assert parents[0].info.status == "FINISHED" and len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["status"] == "completed"  # not early_stopped: it ran all 3 epochs
     assert steps(client, runs[0].info.run_id, "val/acc") == [1, 2, 3]
+
+
+# --- Ray's memory monitor kills the trials' workers ---------------------------------------------
+
+
+def test_ray_killing_every_worker_for_memory_is_one_line_every_trial_recorded_then_resume_completes(
+    tmp_path, cifar_dir
+):
+    """Ray's memory monitor, set to act at 5% of the node's memory, kills every trial worker as it starts
+    (as it does on a busy machine). Each trial is retried (--max-failures 1) and then recorded as oom: no
+    traceback on the console, one line with the cause and the resume command, nothing left RUNNING. The same
+    command with --resume, without the low threshold, completes the sweep."""
+    args = [
+        "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "1", "--max-failures", "1", "--seed", "0",
+        *SMALL, *paths(tmp_path, "memkill"),
+    ]  # fmt: skip
+    e = {**env(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "50"}
+    r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=420,
+                       cwd=tmp_path, env=e)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "oom" in errors[0] and "--resume" in errors[0], r.stderr[-2000:]
+    assert (tmp_path / "out" / "memkill" / "sweep.log").read_text().count("Traceback") >= 1  # kept, in the log
+    _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "memkill")
+    assert all(c.info.status != "RUNNING" for c in [*parents, *runs])
+    assert len(runs) == 3 and {c.data.tags["status"] for c in runs} <= {"oom", "error"}  # 2 trials, the baseline
+    assert all(c.info.status == "FAILED" and c.data.tags.get("error") for c in runs)  # each with its cause
+    summary = json.loads((tmp_path / "out" / "memkill" / "summary.json").read_text())
+    assert summary["outcomes"]["oom"] + summary["outcomes"]["error"] == 3  # 2 trials and the baseline
+    again = run(tmp_path, [*args, "--resume"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "memkill")
+    done = [c for c in runs if c.data.tags.get("status") == "completed"]
+    assert len(done) == 3 and all("test/acc" in c.data.metrics for c in done)

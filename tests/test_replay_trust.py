@@ -76,7 +76,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def test_a_planted_model_op_never_runs_the_file_it_names(tmp_path):
-    from sweeps import model
+    from sweeps import logged_model as model
 
     j, uri = journal_of(tmp_path)
     root = j.folder.parent

@@ -350,11 +350,13 @@ def test_prune_checkpoints_keeps_newest_best_and_recent(tmp_path):
 
 def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_path):
     from sweeps.cifar10 import SPEC
+    from sweeps.context import open_context
     from sweeps.journal import Journal, trial_key
     from sweeps.resume import Orphans
-    from sweeps.searchers import Space, hand_out_again, make_searcher
+    from sweeps.searchers import Space, make_searcher
 
     journal = Journal(tmp_path / "journal", "sqlite:///unused.db", "cifar10", "s", verbose=False)
+    ctx = open_context(journal)  # the sweep folder tmp_path: its searchers find the orphans here
     space = Space(SPEC.ranges, {"width": 8}, experiment="first")
     first = make_searcher(space, None, seed=0, study=tmp_path / "first.db", max_concurrent=None)
     configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}
@@ -368,7 +370,7 @@ def test_orphaned_trials_are_handed_out_again_with_their_config_and_adopted(tmp_
 
     space = Space(SPEC.ranges, {"width": 8}, experiment="again")
     again = make_searcher(space, None, seed=7, study=tmp_path / "again.db", max_concurrent=None)  # another seed
-    hand_out_again("again", orphans)
+    ctx.orphans["again"] = orphans  # what sweeps.resume.adopt does
     adopted = again.suggest("d")
     assert adopted["adopt"]["trial_id"] == "c"
     assert {k: v for k, v in adopted.items() if k != "adopt"} == configs["c"]  # exactly its config

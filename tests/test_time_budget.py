@@ -107,6 +107,34 @@ def test_eta_from_measured_paces():
     assert bar(0, 4, None, None).endswith("0/4 trials done, best val/acc -, ETA after the first results")
 
 
+def test_eta_counts_the_confirmation_to_come_never_undercuts_a_running_trial_and_says_done(capsys):
+    import time
+    from types import SimpleNamespace
+
+    from sweeps.callbacks import ProgressCallback
+
+    eta = Eta(total=2, concurrency=2, cap_s=None, fraction=1.0, later=3)
+    eta.seen("a", 400, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
+    eta.seen("b", 4000, {"cost/train_s": 10.0, "cost/images": 100, "throughput/train_img_s": 10.0}, search=True)
+    # b has 390 s left: more than the mean of the running rests (30 + 390) / 2; then 3 confirmation runs of
+    # the mean projected cost (40 + 400) / 2, two at a time.
+    assert eta.left_s() == pytest.approx(390 + 2 * 220)
+    eta.end("a")
+    eta.end("b")
+    assert eta.left_s() == pytest.approx(2 * 220) and not eta.done()  # the search is over, not the sweep
+    last = Eta(total=1, concurrency=2, cap_s=None, fraction=1.0)
+    last.seen("c", 400, {"cost/train_s": 40.0, "cost/images": 400, "throughput/train_img_s": 10.0}, search=False)
+    last.end("c")
+    assert last.left_s() == 0.0 and last.done()
+    base = TrainConfig(task="cifar10", model="cnn", epochs=2)
+    # A later phase's (or a resumed sweep's) lines count from the sweep's first start and keep its best so far.
+    progress = ProgressCallback(1, base, base, last, 400, since=(time.time() - 100.0, 0.7))
+    progress.on_trial_complete(0, [], SimpleNamespace(trial_id="c", last_result={}))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[1/1 done,    10") and out[0].endswith("c finished; best val/acc so far 0.7000")
+    assert out[1].endswith("1/1 trials done, best val/acc 0.7000, done")
+
+
 def test_a_long_projection_without_a_gpu_says_how_to_shrink_it(tmp_path, capsys):
     from types import SimpleNamespace
 
