@@ -1,5 +1,6 @@
-"""The trainable: one Tune trial runs `cnnclf.train.train` in a Ray worker, reporting every epoch
-with a checkpoint, and resumes from the newest complete checkpoint it can find.
+"""What one trial runs without Ray: `cnnclf.train.train` with running out of memory as a recorded result, the
+cost guard's probe, the checkpoint folders (written, read back, pruned). `sweeps/trial.py` runs it in a Ray
+worker, reporting every epoch to Tune with a checkpoint, from the newest complete checkpoint it can find.
 
 Checkpoints load with `weights_only=True` (cnnclf.train.load_checkpoint): one that holds anything
 but tensors and plain types is ignored, never run.
@@ -10,25 +11,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
-from ray import tune
 
 from cnnclf.config import TrainConfig
 from cnnclf.data import TaskData
 from cnnclf.train import CheckpointError, load_checkpoint, save_checkpoint, train
 from sweeps.faults import fire
-from sweeps.spec import METRIC, trial_config
+from sweeps.spec import METRIC
 
 CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.json"
 KEEP_RECENT_S = 300.0  # well beyond Tune's experiment snapshot period (10 s or more, "auto")
@@ -52,57 +49,6 @@ class TooSlow(Exception):
     def __init__(self, projected_s: float, limit_s: float, spent_s: float) -> None:
         super().__init__(f"projected {projected_s:.0f} s of training, over the limit of {limit_s:.0f} s")
         self.projected_s, self.limit_s, self.spent_s = projected_s, limit_s, spent_s
-
-
-def run_trial(config: dict, data: dict, setup: TrialSetup) -> None:
-    """`data`: TaskData's fields as arrays, in the Ray object store once and shared by a node's trials."""
-
-    cfg = trial_config(config, setup.base, setup.baseline)
-    ctx = ray.get_runtime_context()
-    assigned = ctx.get_assigned_resources()
-    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
-    # torch.compile's worker pool takes the trial's CPU share, not the machine's (trials share a node).
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, int(assigned.get("CPU", 1)))))
-    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-    extra = {
-        "resources/gpu": float(assigned.get("GPU", 0)),
-        "resources/cpu": float(assigned.get("CPU", 0)),
-        "node_id": ctx.get_node_id(),
-    }
-    trial_id = tune.get_context().get_trial_id()
-    own_folder = None
-    if "://" not in setup.experiment_path:
-        own_folder = Path(setup.experiment_path) / f"{config.get('role', 'trial')}-{trial_id}"
-    found = _resume_point(config, own_folder, extra)
-    ended = bool((config.get("adopt") or {}).get("ended")) or trial_id in setup.finished
-    if found is not None and (found[1]["epoch"] >= cfg.epochs or ended) and METRIC in found[1]:
-        return  # the trial had ended before the driver went down; it is not trained twice
-
-    trained = [found[1].get("epoch", 0) if found else 0]  # the last epoch trained (a failure's result says it)
-
-    def report(epoch: int, metrics: dict, save) -> None:
-        trained[0] = epoch
-        m = {**metrics, **extra, **system_metrics(device), **device_seconds(metrics, extra)}
-        fire(list(setup.faults), "epoch_end", config, epoch)
-        if m.get("diverged"):
-            # The worst accuracy, not NaN: ASHA never stops a NaN trial and Optuna cannot record
-            # one; with 0.0 both treat the trial as the worst, and TPE learns to avoid it.
-            m.update({METRIC: 0.0, "val/loss": float("inf"), "train/loss": float("inf")})
-        if save is None:
-            tune.report(m)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save(Path(d) / CHECKPOINT_FILE)
-            fire(list(setup.faults), "checkpoint", config, epoch)
-            (Path(d) / METRICS_FILE).write_text(json.dumps(m))  # beside the state: replayed after a crash
-            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
-        if own_folder is not None:
-            prune_checkpoints(own_folder)
-
-    probe = cost_guard(config, setup) if config.get("role", "trial") == "trial" else None  # never the baseline
-    failure = train_or_oom(cfg, _task_data(data), report, device=device, resume=found and found[0], probe=probe)
-    if failure is not None:
-        tune.report({"epoch": trained[0], METRIC: 0.0, **failure, **extra, **device_seconds(failure, extra)})
 
 
 def cost_guard(config: dict, setup: TrialSetup):
@@ -145,44 +91,11 @@ def system_metrics(device: str) -> dict:
     return {"system/peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
 
 
-def _task_data(arrays: dict):
+def task_data(arrays: dict):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; nothing writes to them
         return TaskData(**{k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in arrays.items()})
-
-
-def _resume_point(config: dict, own_folder: Path | None, extra: dict) -> tuple[dict, dict] | None:
-    """(state, metrics) of the newest complete checkpoint: Tune's, a newer one in this trial's folder
-    (written after Tune's last snapshot), or one of the trial this one continues (`adopt`).
-
-    Epochs that finished after the driver's last look (it went down) are reported again, in order,
-    so nothing they measured is lost (the MLflow writer skips epochs it has logged); the newest goes
-    with its checkpoint, so Tune knows it from now on.
-    """
-
-    folders = [Path(d) for d in (config.get("adopt") or {}).get("dirs", [])]
-    if own_folder is not None:
-        folders.append(own_folder)
-    found, tune_epoch = None, 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            found = read_checkpoint(Path(d))
-        tune_epoch = found[1]["epoch"] if found else 0
-    on_disk = checkpoint_dirs(folders)
-    for epoch in sorted((e for e in on_disk if e > tune_epoch), reverse=True):
-        if (newer := read_checkpoint(on_disk[epoch])) is not None:
-            found = newer
-            break
-    if found is not None and found[1]["epoch"] > tune_epoch:
-        for epoch in sorted(e for e in on_disk if tune_epoch < e < found[1]["epoch"]):
-            with contextlib.suppress(OSError, ValueError):
-                tune.report({**json.loads((on_disk[epoch] / METRICS_FILE).read_text()), **extra, "replayed": 1.0})
-        with tempfile.TemporaryDirectory() as d:
-            write_checkpoint_dir(Path(d), found[0], {**found[1], **extra})
-            tune.report({**found[1], **extra, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
-    return found
 
 
 def train_or_oom(cfg: TrainConfig, data, report, device: str, resume=None, probe=None) -> dict | None:
