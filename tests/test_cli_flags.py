@@ -61,7 +61,10 @@ def test_flags_keep_their_types_and_choices():
         "eval_subset": (positive_int, None),
         "seed": (seed, None),
         "split_seed": (seed, None),
-        "compile": (None, ["auto", "on", "off"]),
+        "compile": (
+            None,
+            ["auto", "on", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        ),
         "precision": (None, ["auto", "fp32", "bf16"]),
     }
     found = {}
