@@ -21,15 +21,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnnclf.args import UsageError
 from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store, warmstart
-from sweeps.driver import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, run_sweep
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.guard import claim, lock_holder, same_sweep, sync, tracking
 from sweeps.journal import read_meta
 from sweeps.saving import ReportWriter
 from sweeps.session import LOG_NAME, SweepFailed, disk_error, log_to_file
-from sweeps.settings import Settings
+from sweeps.settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Settings
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
 
@@ -85,6 +85,8 @@ def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
     print(f"logs: {log} (Ray's, Tune's and MLflow's own messages, and any traceback)", flush=True)
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
+    from sweeps.driver import run_sweep  # Ray: after every check, so a typo is answered in a second
+
     return run_sweep(s, data, report)
 
 

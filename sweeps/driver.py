@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shlex
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
+import optuna
 import ray
 from ray import tune
 
@@ -31,14 +35,20 @@ from sweeps.journal import Journal
 from sweeps.rows import collect, rank
 from sweeps.saving import ReportWriter, dump_json
 from sweeps.searchers import close_study
-from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
-from sweeps.settings import STATE_FORMAT, Settings, resume_record  # noqa: F401 (STATE_FORMAT: as before the split)
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, quiet_mlflow_http, sigterm_as_sigint
+from sweeps.settings import (  # noqa: F401 (STATE_FORMAT and the exit statuses: importable here as before)
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    STATE_FORMAT,
+    Settings,
+    resume_record,
+)
 from sweeps.spec import FAILED
 from sweeps.tuners import Sweep
 from sweeps.tuners import trial_dirname as _trial_dirname  # noqa: F401 (a saved tuner.pkl names it here)
 from sweeps.warmstart import Priors
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
@@ -274,3 +284,59 @@ def _gpus(s: Settings, available: float) -> float:
         # cluster.yaml scales GPU workers from zero: trials waiting for a GPU make the autoscaler add one.
         print("no GPU node in the cluster yet; the trials wait for the autoscaler to add one", flush=True)
     return gpus
+
+
+@contextlib.contextmanager
+def ray_session(s):
+    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
+    at the end. SIGTERM then takes Ctrl-C's path."""
+
+    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_mlflow_http()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
+    if s.ray_num_gpus is not None:
+        init_kw["num_gpus"] = s.ray_num_gpus
+    try:
+        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
+            ray.init(**init_kw)
+    except Exception as e:
+        if s.address is None:
+            raise
+        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
+    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, task: str, address: str | None):
+    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
+
+    Nothing of the sweep has been written yet, so a hard exit loses nothing.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def give_up() -> None:
+        print(
+            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
+            f"within {seconds:g} s; check the address, or raise --connect-timeout",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_USAGE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from cnnclf.args import UsageError
 from sweeps import store
-from sweeps.driver import EXIT_FAILED, EXIT_OK
 from sweeps.journal import Journal, read_meta
 from sweeps.saving import ReportWriter, write_report
 from sweeps.session import quiet_mlflow_http
-from sweeps.settings import STATE_FORMAT, Settings, resume_record
+from sweeps.settings import EXIT_FAILED, EXIT_OK, STATE_FORMAT, Settings, resume_record
 from sweeps.spec import TaskSpec
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from cnnclf.config import TrainConfig
 from sweeps.spec import Ranges, TaskSpec
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # the sweep scripts' exit statuses
+
 
 @dataclass(frozen=True)
 class Settings:
