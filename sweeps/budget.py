@@ -27,7 +27,7 @@ import torch
 
 from cnnclf.config import TrainConfig
 from cnnclf.train import PROBE_STEPS, train
-from sweeps.journal import SWEEP_KEY
+from sweeps.journal_checks import SWEEP_KEY  # not sweeps.journal: benchmarks/gpu.py runs without MLflow
 from sweeps.spec import SEARCH_PARAMS
 
 TRIAL_FACTOR = 2.0  # a trial may train for this many times the reference configuration's time at the sweep's epochs

@@ -24,6 +24,7 @@ from pathlib import Path
 from cnnclf.args import UsageError
 from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store, warmstart
+from sweeps.driver import run_sweep
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
 from sweeps.guard import claim, lock_holder, same_sweep, sync, tracking
 from sweeps.journal import read_meta
@@ -85,8 +86,6 @@ def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
     print(f"logs: {log} (Ray's, Tune's and MLflow's own messages, and any traceback)", flush=True)
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
-    from sweeps.driver import run_sweep  # Ray: after every check, so a typo is answered in a second
-
     return run_sweep(s, data, report)
 
 
