@@ -32,11 +32,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow"):
-            # With pytest-xdist's `--dist loadgroup` (the README's test command) the tests that start Ray, a
-            # server or a browser run one after another on one worker: two Ray sweeps at once would share the
-            # cores and memory and slow both (Ray's memory monitor may kill workers); the other tests run beside.
-            item.add_marker(pytest.mark.xdist_group("serial"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
