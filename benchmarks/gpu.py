@@ -171,10 +171,10 @@ class Bench:
         data = self.data(row.task)
         data = trimmed(data, row.images, eval_images=2_000)
         compile_mode = None if mode == "eager" else (COMPILE_MODES[self.device.type] if mode == "compiled" else mode)
-        cfg = row.cfg.replace(epochs=2, compile="off" if compile_mode is None else "on")
+        cfg = row.cfg.replace(epochs=2, compile="off" if compile_mode is None else compile_mode)
         epochs: list[dict] = []
         t = time.monotonic()
-        result = train(cfg, data, lambda e, m, s: epochs.append(m), device=self.device, mode=compile_mode)
+        result = train(cfg, data, lambda e, m, s: epochs.append(m), device=self.device)
         last = epochs[-1]
         rec = {
             "row": row.name,

@@ -19,10 +19,19 @@ import os
 import sys
 from pathlib import Path
 
-from cnnclf.args import Parser, UsageError, nonnegative_float, one_line, positive_float, positive_int
+from cnnclf.args import Parser, UsageError, one_line, positive_int
 from cnnclf.args import path as path_arg
-from cnnclf.args import seed as seed_arg
-from cnnclf.config import DEFAULT_PRESET, PRESETS, TASKS, ConfigError, TrainConfig, get_preset
+from cnnclf.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    TASKS,
+    ConfigError,
+    Flag,
+    TrainConfig,
+    flag_fields,
+    flag_name,
+    get_preset,
+)
 
 # cnnclf.data, cnnclf.train and torch are imported inside the commands: a mistyped flag is
 # reported in a fraction of a second instead of after torch's import.
@@ -33,42 +42,8 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train one configuration")
-    t.add_argument("--task", choices=TASKS, required=True)
     t.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: the task's seed baseline)")
-    # Flags left out keep the preset's value; names follow TrainConfig (and torch).
-    t.add_argument("--model", choices=["tutorial", "cnn"])
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    t.add_argument("--lr", type=positive_float)
-    t.add_argument("--momentum", type=nonnegative_float)
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--weight-decay", type=nonnegative_float)
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--epochs", type=positive_int)
-    t.add_argument("--schedule", choices=["constant", "cosine", "linear"])
-    t.add_argument("--warmup-epochs", type=nonnegative_float)
-    t.add_argument("--label-smoothing", type=nonnegative_float)
-    t.add_argument("--depth", type=positive_int)
-    t.add_argument("--kernel-size", type=int, choices=[3, 5, 7])
-    t.add_argument("--width", type=positive_int)
-    t.add_argument("--image-size", type=positive_int)
-    t.add_argument("--normalize", choices=["half", "dataset", "imagenet"])
-    t.add_argument("--augment", choices=["none", "crop-flip", "resized-crop-flip"])
-    t.add_argument("--subset", type=positive_int, help="train on this many training images")
-    t.add_argument("--eval-subset", type=positive_int, help="cap val and test at this many images each")
-    t.add_argument("--seed", type=seed_arg, help="model initialization, batch order and augmentation")
-    t.add_argument("--split-seed", type=seed_arg, help="seed of the train/val/test split and subsets (default: --seed)")
-    t.add_argument(
-        "--compile",
-        choices=["auto", "on", "off"],
-        help="torch.compile the training step (auto, the default: on with CUDA, off on the CPU)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        help="forward-pass arithmetic (auto, the default: bf16 autocast on CUDA and on a CPU with bf16 units, "
-        "else fp32; the seed presets: fp32)",
-    )
+    add_config_flags(t)
     t.add_argument("--data-dir", type=path_arg, default=Path("data"))
     t.add_argument("--no-download", action="store_true", help="fail (exit 2) instead of downloading missing data")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -97,10 +72,19 @@ def build_parser() -> Parser:
     return p
 
 
-# Every TrainConfig field has a flag of the same name, except the task (--task) and the split fractions.
-_FLAG_FIELDS = [
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("task", "tags", "val_fraction", "test_fraction")
-]
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each TrainConfig field that declares one (cnnclf.config.flag): names follow TrainConfig (and
+    torch); a bool is --x/--no-x; a flag left out is None and keeps the preset's value."""
+    for f in flag_fields():
+        how: Flag = f.metadata["flag"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=how.help)
+        else:
+            kw = {"type": how.type, "choices": how.choices, "help": how.help, "required": how.required}
+            parser.add_argument(flag_name(f.name), **kw)
+
+
+_FLAG_FIELDS = [f.name for f in flag_fields() if f.name != "task"]  # the task picks the preset
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from cnnclf.args import nonnegative_float, positive_float, positive_int
+from cnnclf.args import seed as seed_arg
 
 TASKS = ("cifar10", "catdog")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CATDOG_CLASSES = ["cat", "dog"]
 CLASSES = {"cifar10": CIFAR10_CLASSES, "catdog": CATDOG_CLASSES}  # label order: the index is the label
+MODELS = ("tutorial", "cnn")  # cnnclf.models' registry (tests/test_cli_flags.py checks)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 NORMALIZATIONS = ("half", "dataset", "imagenet")
 AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 KERNEL_SIZES = (3, 5, 7)
-COMPILE = ("auto", "on", "off")  # torch.compile of the training step; auto: on for CUDA, off on the CPU
+# torch.compile of the training step; auto: on for CUDA, off on the CPU; on: the device's mode
+# (cnnclf/device.py COMPILE_MODES); or on with one of torch.compile's own modes, by name.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE = ("auto", "on", "off", *TORCH_COMPILE_MODES)
 # Arithmetic of the forward pass: auto is bfloat16 autocast (with channels-last tensors) where the device has
 # bf16 units (CUDA; a CPU with AVX512-BF16 or AMX), float32 elsewhere. cnnclf.train.uses_bf16 decides.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -46,41 +55,79 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Flag:
+    """How `python -m cnnclf train` reads a TrainConfig field: `--name` in dashes (a bool: `--name/--no-name`),
+    its text parsed by `type` (None: the text) and checked against `choices`. cnnclf/__main__.py builds the
+    flags from these; left out, a flag keeps the preset's value."""
+
+    type: Callable[[str], object] | None = None
+    choices: tuple | None = None
+    help: str | None = None
+    required: bool = False
+
+
+def flag(default: Any, **how: Any) -> Any:
+    """A TrainConfig field with its command-line flag (Flag's fields as keywords)."""
+    return field(default=default, metadata={"flag": Flag(**how)})
+
+
+def no_flag(default: Any, why: str, **kw: Any) -> Any:
+    """A TrainConfig field without a command-line flag, and why (tests/test_cli_flags.py holds every field to one)."""
+    return field(default=default, metadata={"flag": None, "no_flag": why}, **kw)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    task: str = "cifar10"
-    model: str = "cnn"  # registry name in cnnclf.models
+    task: str = flag("cifar10", choices=TASKS, required=True)  # selects the preset too (cnnclf/__main__.py)
+    model: str = flag("cnn", choices=MODELS)
     # optimizer (names as torch.optim spells them)
-    optimizer: str = "adam"
-    lr: float = 1e-3  # peak learning rate, after warm-up
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    amsgrad: bool = False  # adam/adamw only
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 10
-    schedule: str = "constant"  # lr after warm-up: constant, cosine or linear decay to 0
-    warmup_epochs: float = 0.0  # linear warm-up from 0, in (fractional) epochs
-    label_smoothing: float = 0.0
+    optimizer: str = flag("adam", choices=OPTIMIZERS)
+    lr: float = flag(1e-3, type=positive_float, help="peak learning rate, after warm-up")
+    momentum: float = flag(0.9, type=nonnegative_float, help="sgd only")
+    nesterov: bool = flag(False, help="sgd only")
+    amsgrad: bool = flag(False, help="adam and adamw only")
+    weight_decay: float = flag(0.0, type=nonnegative_float, help="not on biases and BatchNorm weights")
+    batch_size: int = flag(128, type=positive_int)
+    epochs: int = flag(10, type=positive_int)
+    schedule: str = flag(
+        "constant", choices=SCHEDULES, help="lr after warm-up: constant, or cosine or linear decay to 0"
+    )
+    warmup_epochs: float = flag(0.0, type=nonnegative_float, help="linear warm-up from 0, in (fractional) epochs")
+    label_smoothing: float = flag(0.0, type=nonnegative_float)
     # model family (ignored by fixed nets such as `tutorial`)
-    depth: int = 4  # conv layers
-    kernel_size: int = 3
-    width: int = 32  # channels of the first stage; doubles per stage, capped at 8x
+    depth: int = flag(4, type=positive_int, help="conv layers")
+    kernel_size: int = flag(3, type=int, choices=KERNEL_SIZES)
+    width: int = flag(32, type=positive_int, help="channels of the first stage; doubles per stage, capped at 8x")
     # data
-    image_size: int = 32  # pixels per side; Cat/Dog photos are resized to this once, at decode
-    normalize: str = "dataset"  # half: mean=std=0.5 (the CIFAR-10 seed); dataset: train split's own
-    augment: str = "crop-flip"
-    val_fraction: float = 0.1  # of the labelled training images, stratified
-    test_fraction: float = 0.1  # only where the data set has no labelled test set (Kaggle Cat/Dog)
-    subset: int | None = None  # train on this many training images (stratified), None = all
-    eval_subset: int | None = None  # cap val and test at this many images each (stratified), None = whole
-    seed: int = 0  # model initialization, batch order and augmentation
-    split_seed: int | None = None  # the train/val/test split and subsets; None: `seed` (a sweep's confirmation
-    # runs keep the sweep's split and change only `seed`)
+    image_size: int = flag(32, type=positive_int, help="pixels per side; Cat/Dog photos are resized to this once")
+    normalize: str = flag(
+        "dataset", choices=NORMALIZATIONS, help="half: mean=std=0.5 (the CIFAR-10 seed); dataset: the train split's"
+    )
+    augment: str = flag("crop-flip", choices=AUGMENTATIONS)
+    val_fraction: float = no_flag(0.1, "the data's, fixed per task")  # of the labelled training images, stratified
+    # only where the data set has no labelled test set (Kaggle Cat/Dog)
+    test_fraction: float = no_flag(0.1, "the data's, fixed per task")
+    subset: int | None = flag(None, type=positive_int, help="train on this many training images")  # stratified
+    eval_subset: int | None = flag(None, type=positive_int, help="cap val and test at this many images each")
+    seed: int = flag(0, type=seed_arg, help="model initialization, batch order and augmentation")
+    # The split and subsets; None: `seed` (a sweep's confirmation runs keep the sweep's split and change only `seed`).
+    split_seed: int | None = flag(
+        None, type=seed_arg, help="seed of the train/val/test split and subsets (default: --seed)"
+    )
     # torch.compile of the training step (cnnclf.train). A compiled step drops each epoch's ragged
     # last batch, so that every step has one shape: docs/training.md#compiled-training-step
-    compile: str = "auto"
-    precision: str = "auto"  # PRECISIONS; the seeds pin fp32, as they were documented
-    tags: tuple[str, ...] = field(default=(), compare=False)  # free-form, e.g. ("baseline",)
+    compile: str = flag(
+        "auto",
+        choices=COMPILE,
+        help="torch.compile the training step (auto, the default: on with CUDA, off on the CPU)",
+    )
+    precision: str = flag(  # the seeds pin fp32, as they were documented
+        "auto",
+        choices=PRECISIONS,
+        help="forward-pass arithmetic (auto, the default: bf16 autocast on CUDA and on a CPU with bf16 units, "
+        "else fp32; the seed presets: fp32)",
+    )
+    tags: tuple[str, ...] = no_flag((), "free-form labels, e.g. ('baseline',)", compare=False)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
@@ -129,15 +176,15 @@ class TrainConfig:
 
     def cli_args(self) -> list[str]:
         """`python -m cnnclf train` arguments that train exactly this config (every flag spelled out)."""
-        args = ["--task", self.task]
-        for k, v in self.to_dict().items():
-            if k in ("task", "tags", "val_fraction", "test_fraction") or v is None:
-                continue  # the split fractions have no flag: they are the data's, fixed per task
-            flag = k.replace("_", "-")
+        args = []
+        for f in flag_fields():
+            v = getattr(self, f.name)
+            if v is None:
+                continue  # the preset's None (subset, eval_subset, split_seed)
             if isinstance(v, bool):  # amsgrad, nesterov
-                args.append(f"--{flag}" if v else f"--no-{flag}")
+                args.append(flag_name(f.name) if v else flag_name(f.name, negative=True))
             else:
-                args += [f"--{flag}", str(v)]
+                args += [flag_name(f.name), str(v)]
         return args
 
     @classmethod
@@ -244,6 +291,17 @@ SWEEP_BASES = {
         normalize="imagenet", **STRONG_SGD, lr=0.05, depth=6, width=16, kernel_size=3, batch_size=64,
     ),
 }  # fmt: skip
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """TrainConfig's fields that `python -m cnnclf train` has a flag for, in declaration order (--task first)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag") is not None]
+
+
+def flag_name(name: str, negative: bool = False) -> str:
+    """A field's flag: `--batch-size`; `negative`: a bool's `--no-nesterov`."""
+    return ("--no-" if negative else "--") + name.replace("_", "-")
+
 
 DEFAULT_PRESET = {"cifar10": "cifar10-seed", "catdog": "catdog-seed"}
 

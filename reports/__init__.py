@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reports.data import ReportError
-
 if TYPE_CHECKING:
+    from reports.data import ReportError
     from reports.report import build_report
 
 __all__ = ["ReportError", "build_report", "write"]
@@ -30,4 +29,8 @@ def __getattr__(name: str):
         from reports.report import build_report
 
         return build_report
+    if name == "ReportError":
+        from reports.data import ReportError
+
+        return ReportError
     raise AttributeError(f"module 'reports' has no attribute {name!r}")

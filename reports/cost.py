@@ -21,9 +21,10 @@ import pandas as pd
 
 from reports import analysis as an
 from reports import plots
-from reports.data import WARM_START_TAG, SweepData, parse_param
+from reports.artifacts import WARM_START_TAG
+from reports.data import SweepData, parse_param
 from reports.fmt import amount, pct, value
-from reports.render import Block, Bullets, Heading, Image, Para, Table
+from reports.render import Block, Bullets, Heading, Image, Page, Para, Table
 from sweeps.spec import DOCUMENTED, METRIC, SEARCH_PARAMS, finite
 
 GPU_S, CPU_S, PARAMS = "cost/gpu_s", "cost/cpu_s", "model/params"
@@ -120,10 +121,10 @@ def gpu_hour_price(sweep: SweepData) -> float | None:
 # Sections.
 
 
-def cost_section(s: SweepData, out_dir: Path, prefix: str, blocks: list[Block], pngs: list[Path], h: int) -> None:
+def cost_section(s: SweepData, page: Page, h: int) -> None:
     """The section "What accuracy costs": totals, two Pareto fronts (table and plot each), the cheapest trial
     that beats each baseline; one line instead for a sweep that logged no cost figures."""
-    runs = s.runs
+    runs, blocks = s.runs, page.blocks
     blocks.append(Heading(h, "What accuracy costs"))
     if not has_costs(runs):
         blocks.append(
@@ -135,19 +136,17 @@ def cost_section(s: SweepData, out_dir: Path, prefix: str, blocks: list[Block], 
         return
     blocks.append(Para(_totals_line(s)))
     basis = cost_basis(runs)
-    base = an.baseline(runs)
-    marks = _marks(s, base)
     if basis is None:
         blocks.append(Heading(h + 1, "Pareto front: val/acc against GPU-seconds"))
         blocks.append(Para("Not drawn: no run logged `cost/gpu_s` or `cost/cpu_s`."))
     for b, name in ((basis, "pareto_cost"), (SIZE, "pareto_params")):
         if b is not None:
-            _front_section(s, b, base, marks, out_dir / f"{prefix}{name}.png", blocks, pngs, h + 1)
+            _front_section(s, b, page.png(name), page, h + 1)
     blocks.append(Heading(h + 1, "Cheapest trial that beats each baseline"))
     if basis is None:
         blocks.append(Para("Not shown: no run logged `cost/gpu_s` or `cost/cpu_s`."))
     else:
-        _cheapest_section(s, basis, base, blocks)
+        _cheapest_section(s, basis, an.baseline(runs), blocks)
 
 
 def _totals_line(s: SweepData) -> str:
@@ -172,16 +171,9 @@ def _marks(s: SweepData, base: pd.Series | None) -> list[tuple[str, float]]:
     return marks
 
 
-def _front_section(
-    s: SweepData,
-    b: Basis,
-    base: pd.Series | None,
-    marks: list[tuple[str, float]],
-    png: Path,
-    blocks: list[Block],
-    pngs: list[Path],
-    h: int,
-) -> None:
+def _front_section(s: SweepData, b: Basis, png: Path, page: Page, h: int) -> None:
+    """A Pareto front of val/acc against `b`: its table, a sentence on what it shows, and its plot at `png`."""
+    blocks = page.blocks
     what = "parameter count" if b is SIZE else b.header
     blocks.append(Heading(h, f"Pareto front: val/acc against {what}" + (f" ({b.note})" if b.note else "")))
     runs = s.runs
@@ -219,11 +211,11 @@ def _front_section(
         )
     )
     points = cands.assign(on_front=cands.index.isin(f.index))
-    point = None
+    base, point = an.baseline(runs), None
     if base is not None and finite(base.get(b.column)) and finite(base[METRIC]):
         point = (f"baseline {base['trial_id']}", float(base[b.column]), float(base[METRIC]))
     title = f"{s.name}: val/acc against {what}" + (f" ({b.note})" if b.note else "")
-    pngs.append(plots.save(plots.pareto(points, b.column, _axis(b), point, marks, title), png))
+    page.pngs.append(plots.save(plots.pareto(points, b.column, _axis(b), point, _marks(s, base), title), png))
     blocks.append(
         Image(
             png,

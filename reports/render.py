@@ -15,7 +15,7 @@ import base64
 import html
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -54,6 +54,21 @@ class Code:
 
 
 Block = Heading | Para | Bullets | Table | Image | Code
+
+
+@dataclass(frozen=True)
+class Page:
+    """Where the report's sections go: its blocks, and the PNGs written beside it into `out_dir`, each named
+    `<prefix><name>.png` (the prefix is the sweep's name where several sweeps share a report; copies made
+    with `dataclasses.replace` share `blocks` and `pngs`)."""
+
+    out_dir: Path
+    prefix: str = ""
+    blocks: list[Block] = field(default_factory=list)
+    pngs: list[Path] = field(default_factory=list)
+
+    def png(self, name: str) -> Path:
+        return self.out_dir / f"{self.prefix}{name}.png"
 
 
 def to_markdown(blocks: list[Block], out_dir: Path) -> str:

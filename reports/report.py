@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,7 @@ from reports import analysis as an
 from reports import answer, cost, figures, plots
 from reports.data import SweepData, list_sweeps, load_sweep, resolve_sweeps
 from reports.fmt import duration, pct, value
-from reports.render import Block, Bullets, Code, Heading, Image, Para, Table, write
+from reports.render import Block, Bullets, Code, Heading, Image, Page, Para, Table, write
 from sweeps.spec import ADAM_ONLY, DOCUMENTED, SEARCH_PARAMS, SGD_ONLY, finite
 
 TOP_TABLE = 10
@@ -31,22 +32,21 @@ def build_report(tracking_uri: str, experiment: str, sweeps: list[str] | None, o
     out_dir.mkdir(parents=True, exist_ok=True)
     compare = len(loaded) > 1
     task = an.task_of(loaded[0])
-    blocks: list[Block] = []
-    pngs: list[Path] = []
+    page = Page(out_dir)
     if compare:
         title = f"{task}: {len(loaded)} sweeps compared"
-        blocks.append(Heading(1, title))
-        blocks.append(Para(_provenance(tracking_uri, experiment)))
-        _comparison(loaded, task, out_dir, blocks, pngs)
+        page.blocks.append(Heading(1, title))
+        page.blocks.append(Para(_provenance(tracking_uri, experiment)))
+        _comparison(loaded, task, page)
     else:
         title = f"{task} sweep {loaded[0].name}"
-        blocks.append(Heading(1, f"{task} sweep `{loaded[0].name}`"))
-        blocks.append(Para(_provenance(tracking_uri, experiment)))
+        page.blocks.append(Heading(1, f"{task} sweep `{loaded[0].name}`"))
+        page.blocks.append(Para(_provenance(tracking_uri, experiment)))
     for s in loaded:
-        _sweep_section(s, out_dir, blocks, pngs, level=3 if compare else 2, prefix=f"{s.name}_" if compare else "")
+        _sweep_section(s, replace(page, prefix=f"{s.name}_" if compare else ""), level=3 if compare else 2)
     csv = out_dir / "trials.csv"
     pd.concat([_trials_frame(s) for s in loaded], ignore_index=True).to_csv(csv, index=False)
-    return [*write(blocks, title, out_dir), csv, *pngs]
+    return [*write(page.blocks, title, out_dir), csv, *page.pngs]
 
 
 def _provenance(tracking_uri: str, experiment: str) -> str:
@@ -60,36 +60,49 @@ def _provenance(tracking_uri: str, experiment: str) -> str:
 # Sections.
 
 
-def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[Path], level: int, prefix: str):
-    h = level
-    runs = s.runs
-    vis = an.visible(runs)
-    task = an.task_of(s)
-    if prefix:
+def _sweep_section(s: SweepData, page: Page, level: int) -> None:
+    """One sweep's sections, in the order a reader asks: the answer, what it rests on, then the details.
+    Compared sweeps (`page.prefix` set) each open with their own heading, one level above `level`."""
+    h, blocks = level, page.blocks
+    if page.prefix:
         blocks.append(Heading(h - 1, f"Sweep `{s.name}`"))
+    _settings(s, blocks)
+    ans = answer.headline(s, blocks, h)
+    answer.confirmation(s, ans, blocks, h)
+    _top_trials(s, blocks, h)
+    cost.prior_section(s, blocks, h + 1)
+    _outcomes(s, blocks, h)
+    cost.cost_section(s, page, h)
+    blocks.append(Heading(h, "Plots"))
+    figures.plots_section(s, page, h + 1)
+    _reproduce(s, blocks, h)
+    if s.notes:
+        blocks.append(Heading(h, "Notes"))
+        blocks.append(Bullets(s.notes))
+
+
+def _settings(s: SweepData, blocks: list[Block]) -> None:
+    """When the sweep started, with which flags, and whether it was interrupted."""
     settings = [
         f"{k}={s.parent['params'][k]}" for k in SWEEP_SETTINGS if s.parent["params"].get(k) not in (None, "None")
     ]
-    started = sweep_start(s)
     interrupted = s.parent["status"] in ("KILLED", "FAILED") or s.parent["tags"].get("status") == "interrupted"
     blocks.append(
         Para(
-            f"Sweep `{s.name}`, started {started}."
+            f"Sweep `{s.name}`, started {sweep_start(s)}."
             + (f" Settings: {', '.join(settings)}." if settings else "")
             # The sweeps write this report just before closing their parent run, so RUNNING is normal here.
             + (" **The sweep was interrupted**; resumed, it continues the same runs." if interrupted else "")
         )
     )
 
-    # --- 1. the answer, 2. the confirmation it rests on
-    ans = answer.headline(s, blocks, h)
-    answer.confirmation(s, ans, blocks, h)
-    best = an.best(runs)
-    searched = vis[vis["role"] == "trial"]
 
-    # --- 3. tables
+def _top_trials(s: SweepData, blocks: list[Block], h: int) -> None:
+    """The best TOP_TABLE search trials by val/acc, with the hyperparameters that differ between trials."""
+    vis = an.visible(s.runs)
+    searched = vis[vis["role"] == "trial"]
     blocks.append(Heading(h, f"Top {TOP_TABLE} search trials by val/acc"))
-    ranked = an.ranked(runs)
+    ranked = an.ranked(s.runs)
     params = an.hyperparams(searched)
     shown = [p for p in params if p in SEARCH_PARAMS or p in an.varying(searched, params)]
     shown = [p for p in shown if p != "epochs"]  # the epochs column shows run/planned
@@ -105,34 +118,37 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
         )
     if ranked.empty:
         blocks.append(Para("No search trial has a val/acc."))
-    else:
-        blocks.append(
-            Table(
-                ["#", "trial", "status", "val/acc", "test/acc", "epochs", *shown],
+        return
+    blocks.append(
+        Table(
+            ["#", "trial", "status", "val/acc", "test/acc", "epochs", *shown],
+            [
                 [
-                    [
-                        str(r["rank"]),
-                        f"`{r['trial_id']}`",
-                        r["outcome"].replace("_", "-"),
-                        pct(r["val/acc"]),
-                        pct(r["test/acc"]),
-                        f"{value(r['epochs_run'])}/{value(r.get('epochs'))}",
-                        *(value(r[p]) for p in shown),
-                    ]
-                    for _, r in ranked.head(TOP_TABLE).iterrows()
-                ],
-                right=(0, 3, 4, 5),
-            )
+                    str(r["rank"]),
+                    f"`{r['trial_id']}`",
+                    r["outcome"].replace("_", "-"),
+                    pct(r["val/acc"]),
+                    pct(r["test/acc"]),
+                    f"{value(r['epochs_run'])}/{value(r.get('epochs'))}",
+                    *(value(r[p]) for p in shown),
+                ]
+                for _, r in ranked.head(TOP_TABLE).iterrows()
+            ],
+            right=(0, 3, 4, 5),
         )
-        blocks.append(
-            Para(
-                "Completed trials first, then early-stopped ones; blank `momentum`/`nesterov` for Adam-family "
-                "optimizers and blank `amsgrad` for SGD: those settings do not apply. Every run is in `trials.csv`."
-            )
+    )
+    blocks.append(
+        Para(
+            "Completed trials first, then early-stopped ones; blank `momentum`/`nesterov` for Adam-family "
+            "optimizers and blank `amsgrad` for SGD: those settings do not apply. Every run is in `trials.csv`."
         )
-    cost.prior_section(s, blocks, h + 1)
+    )
+
+
+def _outcomes(s: SweepData, blocks: list[Block], h: int) -> None:
+    """How many runs of each role ended how, and the error of each failed one."""
     blocks.append(Heading(h, "Outcomes"))
-    oc = an.outcome_counts(runs)
+    oc = an.outcome_counts(s.runs)
     blocks.append(
         Table(
             ["outcome", *(f"{c} runs" if c != "all" else "all" for c in oc.columns)],
@@ -140,34 +156,27 @@ def _sweep_section(s: SweepData, out_dir: Path, blocks: list[Block], pngs: list[
             right=tuple(range(1, len(oc.columns) + 1)),
         )
     )
+    vis = an.visible(s.runs)
     errors = vis[(vis["outcome"] == "error") & vis["error"].notna()] if "error" in vis else vis.iloc[:0]
     if len(errors):
         blocks.append(Bullets([f"`{r['trial_id']}` failed: {r['error']}" for _, r in errors.iterrows()]))
 
-    cost.cost_section(s, out_dir, prefix, blocks, pngs, h)
 
-    # --- 4. plots
-    blocks.append(Heading(h, "Plots"))
-    figures.plots_section(s, task, out_dir, prefix, blocks, pngs, h + 1)
-
-    # --- 5. reproduction
+def _reproduce(s: SweepData, blocks: list[Block], h: int) -> None:
+    """The command that trains the recommended configuration again, and how close a rerun lands."""
     blocks.append(Heading(h, "Reproduce the recommended configuration"))
+    best = an.best(s.runs)
     if best is None:
         blocks.append(Para("Nothing to reproduce."))
-    else:
-        blocks.append(Code(an.command(s, best)))
-        gave = f"test/acc {pct(best['test/acc'])}" if finite(best["test/acc"]) else "no test accuracy (stopped early)"
-        blocks.append(
-            Para(
-                f"This trains what search trial `{best['trial_id']}` trained, on the same data (subset, evaluation "
-                f"subset, image size and split seed included); that run gave {gave}."
-                + _threads_line(s)
-                + _model_line(s)
-            )
+        return
+    blocks.append(Code(an.command(s, best)))
+    gave = f"test/acc {pct(best['test/acc'])}" if finite(best["test/acc"]) else "no test accuracy (stopped early)"
+    blocks.append(
+        Para(
+            f"This trains what search trial `{best['trial_id']}` trained, on the same data (subset, evaluation "
+            f"subset, image size and split seed included); that run gave {gave}." + _threads_line(s) + _model_line(s)
         )
-    if s.notes:
-        blocks.append(Heading(h, "Notes"))
-        blocks.append(Bullets(s.notes))
+    )
 
 
 def _confirmed(runs: pd.DataFrame) -> str:
@@ -207,7 +216,9 @@ def sweep_start(s: SweepData) -> str:
     return "?" if pd.isna(t) else t.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _comparison(loaded: list[SweepData], task: str, out_dir: Path, blocks: list[Block], pngs: list[Path]) -> None:
+def _comparison(loaded: list[SweepData], task: str, page: Page) -> None:
+    """The section "Side by side": one row per sweep, and their best val/acc so far in one plot."""
+    blocks = page.blocks
     blocks.append(Heading(2, "Side by side"))
     doc = DOCUMENTED.get(task)
     rows = []
@@ -243,9 +254,9 @@ def _comparison(loaded: list[SweepData], task: str, out_dir: Path, blocks: list[
         marks = [(f"documented baseline (test) {pct(doc.test_acc)}", doc.test_acc)] if doc else []
         path = plots.save(
             plots.compare_best_so_far(hists, marks, f"{task}: best val/acc so far, per sweep"),
-            out_dir / "compare_best_so_far.png",
+            page.png("compare_best_so_far"),
         )
-        pngs.append(path)
+        page.pngs.append(path)
         blocks.append(Image(path, "Best val/acc so far of each sweep, by trial number and by wall time."))
 
 

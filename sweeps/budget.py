@@ -27,7 +27,7 @@ import torch
 
 from cnnclf.config import TrainConfig
 from cnnclf.train import PROBE_STEPS, train
-from sweeps.journal import SWEEP_KEY
+from sweeps.journal_checks import SWEEP_KEY  # not sweeps.journal: benchmarks/gpu.py runs without MLflow
 from sweeps.spec import SEARCH_PARAMS
 
 TRIAL_FACTOR = 2.0  # a trial may train for this many times the reference configuration's time at the sweep's epochs
@@ -123,16 +123,24 @@ def measure_pace(cfg: TrainConfig, data, device: str, threads: int) -> float:
     return math.nan  # the probe always fires; kept for type checkers
 
 
+@dataclass(frozen=True)
+class Machine:
+    """Where a pace is measured: the device and the CPU threads a trial trains with."""
+
+    device: str
+    threads: int
+
+
 def plan(mode: str, max_trial_minutes: float | None, configs: tuple[TrainConfig, TrainConfig], epochs: int, data,
-         device: str, threads: int) -> Budget:  # fmt: skip
+         machine: Machine) -> Budget:  # fmt: skip
     """The sweep's Budget: the limit given, or TRIAL_FACTOR x the reference's measured time at `epochs` epochs.
-    `configs`: (the baseline, the reference configuration)."""
+    `configs`: (the baseline, the reference configuration), their paces measured on `machine`."""
     n = len(data.train_y)
 
     def seconds(cfg: TrainConfig) -> float | None:  # one epoch of cfg here; None where it cannot be measured
         pace = math.nan
         with contextlib.suppress(Exception):  # the limit is then left to the flag
-            pace = measure_pace(cfg, data, device, threads)
+            pace = measure_pace(cfg, data, machine.device, machine.threads)
         return n / pace if math.isfinite(pace) and pace > 0 else None
 
     baseline_epoch_s, reference_epoch_s = seconds(configs[0]), seconds(configs[1])
@@ -253,8 +261,8 @@ def settle(s, journal, data, gpus: float, concurrency: int) -> Budget:
         budget = Budget(**kept)
     else:
         device = "cuda" if gpus > 0 and _cuda() else "cpu"
-        budget = plan(s.budget_by, s.max_trial_minutes, (s.baseline, reference(s)), s.max_epochs, data, device,
-                      int(s.cpus_per_trial))  # fmt: skip
+        machine = Machine(device, int(s.cpus_per_trial))
+        budget = plan(s.budget_by, s.max_trial_minutes, (s.baseline, reference(s)), s.max_epochs, data, machine)
         text = budget.describe(s.scheduler)
         journal.append("meta", data={"budget": dataclasses.asdict(budget), "budget_text": text})
         if journal.has_run(SWEEP_KEY):  # a resumed sweep's parent says the budget it goes on with

@@ -6,171 +6,49 @@ Data flow: the driver decodes the data once (cnnclf's cache), puts it into the R
 through `tune.with_parameters`, and each trial moves it to its device once. Trials report every
 epoch to Tune with a checkpoint; a driver-side Tune callback (sweeps/callbacks.py) writes one
 parent run per sweep and one nested child run per trial through the sweep's journal, so only the
-driver ever touches the tracking store.
+driver ever touches the tracking store. The Tuners themselves are built in sweeps/tuners.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
+import os
 import shlex
 import sys
+import threading
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
+import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
 
 from cnnclf.args import UsageError, first_line
-from cnnclf.config import TrainConfig
-from sweeps import callbacks, resume, runs, warmstart
-from sweeps.budget import REDUCTION, TRIAL_FACTOR, Budget, Eta, asha_fraction, baseline_line, settle, slots
+from sweeps import resume, runs, tuners, warmstart
+from sweeps.budget import Budget, baseline_line, settle, slots
 from sweeps.context import SweepContext, close_context, open_context
-from sweeps.finish import Ending, ReportWriter, collect, confirm_configs, dump_json, finish, rank
+from sweeps.finish import Ending, confirm_configs, finish
 from sweeps.journal import Journal
-from sweeps.searchers import FixedConfigs, Known, Space, close_study, make_searcher, start_params
-from sweeps.session import LOG_NAME, SweepFailed, disk_error, ray_session
-from sweeps.spec import FAILED, MEASURED, METRIC, MODE, Ranges, TaskSpec, finite
-from sweeps.trainable import TrialSetup
+from sweeps.rows import collect, rank
+from sweeps.saving import ReportWriter, dump_json
+from sweeps.searchers import close_study
+from sweeps.session import LOG_NAME, SweepFailed, disk_error, quiet_mlflow_http, sigterm_as_sigint
+from sweeps.settings import (  # noqa: F401 (STATE_FORMAT and the exit statuses: importable here as before)
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    STATE_FORMAT,
+    Settings,
+    resume_record,
+)
+from sweeps.spec import FAILED
+from sweeps.tuners import Sweep
+from sweeps.tuners import trial_dirname as _trial_dirname  # noqa: F401 (a saved tuner.pkl names it here)
 from sweeps.warmstart import Priors
-from sweeps.worker import run_trial
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One sweep, as the command line resolved it (sweeps/cli.py); nothing changes it afterwards."""
-
-    spec: TaskSpec
-    name: str
-    storage: str  # a local folder (absolute) or a URI
-    out: Path  # the sweep's files go to out/name
-    tracking_uri: str
-    experiment: str
-    base: TrainConfig  # search trials are base.replace(**suggested)
-    baseline: TrainConfig  # the seed, re-measured on the sweep's data (its epochs capped at max_epochs)
-    with_baseline: bool  # False: --no-baseline
-    ranges: Ranges
-    fixed: dict  # --fix
-    num_samples: int
-    max_epochs: int
-    scheduler: str  # asha | fifo
-    grace_period: int
-    confirm: int  # fresh seeds per confirmed configuration (0: off)
-    confirm_top: int
-    cpus_per_trial: float
-    gpus_per_trial: float | None  # None: 0.5 with GPUs, else 0
-    max_concurrent: int | None
-    max_failures: int
-    seed: int
-    resume: bool
-    address: str | None
-    connect_timeout: float
-    ray_num_gpus: float | None
-    mlflow_wait: float
-    register_model: str | None = None  # --register-model: the Model Registry name of the best model
-    warm_start: tuple[str, ...] = ()  # earlier sweeps whose trials seed the sampler
-    gpu_hour_price: float | None = None  # the report prices the sweep's GPU-hours
-    budget_by: str = "time"  # what ASHA's rungs count: training seconds (with the cost guard) or epochs
-    max_trial_minutes: float | None = None  # the cost guard's limit (None: derived from the baseline's pace)
-    trial_settings: dict = dataclasses.field(default_factory=dict)  # sweeps.warmstart.settings_of
-    faults: tuple = ()
-    params: dict = dataclasses.field(default_factory=dict)  # the flags as given, logged on the parent run
-    resume_command: str = ""
-    script: str = ""  # the task script, as run (sweeps/cli.py script_of)
-    argv: tuple[str, ...] = ()  # its flags (with --name; without --resume)
-
-    @property
-    def out_dir(self) -> Path:
-        return self.out / self.name
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
-
-
-@dataclass
-class Sweep:
-    """A running sweep: its settings, journal and the trainable every Tuner runs."""
-
-    s: Settings
-    context: SweepContext  # the journal, and what --resume hands out again (shared with searchers and callbacks)
-    arrays: dict
-    gpus: float
-    priors: Priors | None = None  # --warm-start
-    budget: Budget = dataclasses.field(default_factory=lambda: Budget("epochs", None, ""))
-    concurrency: int = 1  # trials that run at once (for the ETA)
-    best: float = -math.inf  # the best search val/acc of the phases fitted so far (the progress lines keep it)
-    report: ReportWriter | None = None  # writes the report at the end (the task scripts hand in reports.write)
-
-    @property
-    def journal(self) -> Journal:
-        return self.context.journal
-
-    def since(self) -> tuple[float, float]:
-        """What a phase's progress lines start from: the sweep's first start and its best val/acc so far."""
-        return float(self.journal.meta.get("started_at") or time.time()), self.best
-
-    def saw(self, rows: list) -> None:
-        measured = [r.val_acc for r in rows if r.role == "trial" and r.outcome in MEASURED and finite(r.val_acc)]
-        self.best = max([self.best, *measured])
-
-    @property
-    def n_train(self) -> int:
-        return len(self.arrays["train_y"])
-
-    def trainable(self, experiment_path: str):
-
-        s = self.s
-        finished = self.journal.finished_trial_ids()
-        setup = TrialSetup(s.base, s.baseline, experiment_path, s.faults, finished, self.budget.max_trial_s)
-        return tune.with_resources(
-            tune.with_parameters(run_trial, data=self.arrays, setup=setup), {"cpu": s.cpus_per_trial, "gpu": self.gpus}
-        )
-
-    def interrupted(self) -> int:
-        runs.close_orphans(self.journal, interrupted=True)
-        left = self.journal.close(timeout=min(self.s.mlflow_wait, 10.0))
-        spooled = f" ({left} MLflow writes spooled in {self.journal.folder})" if left else ""
-        print(
-            f"\nsweep {self.s.name} interrupted; its state is saved{spooled}. Resume with:\n  {self.s.resume_command}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-
-
-# The version of what a sweep saves for --resume (Tune's pickled callbacks and searchers, the journal): a sweep
-# saved under another one is refused with one line (sweeps/cli.py same_sweep), never unpickled half-fitting.
-STATE_FORMAT = 2
-
-
-def resume_record(s: Settings) -> dict:
-    """What a resumed sweep must share with the sweep it continues (sweeps/cli.py `same_sweep`): the flags that
-    shape its results, as plain JSON. Kept in the journal's meta at the sweep's start."""
-    record = {
-        "task": s.spec.task,
-        "experiment": s.experiment,
-        "tracking_uri": s.tracking_uri,
-        "seed": s.seed,
-        "max_epochs": s.max_epochs,
-        "scheduler": s.scheduler,
-        "grace_period": s.grace_period,
-        "budget_by": s.budget_by,
-        "max_trial_minutes": s.max_trial_minutes,
-        "confirm": s.confirm,
-        "confirm_top": s.confirm_top,
-        "no_baseline": not s.with_baseline,
-        "warm_start": list(s.warm_start),
-        "trial": s.trial_settings,
-        "format": STATE_FORMAT,
-    }
-    return json.loads(json.dumps(record))
 
 
 def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
@@ -180,7 +58,7 @@ def run_sweep(s: Settings, data, report: ReportWriter | None = None) -> int:
         try:
             return _run(sweep, data)
         except KeyboardInterrupt:  # outside Tune's loop: while confirming, exporting or waiting on MLflow
-            return sweep.interrupted()
+            return _interrupted(sweep)
         except BaseException as e:
             journal = ctx.journal
             try:
@@ -230,6 +108,18 @@ def failed(s: Settings, e: Exception) -> SweepFailed:
     return SweepFailed(f"{type(e).__name__}: {first_line(e)} (traceback in {log}); resume with: {s.resume_command}")
 
 
+def _interrupted(sweep: Sweep) -> int:
+    """Ctrl-C: no run left RUNNING, the journal closed (what it could not write stays spooled), the resume command."""
+    runs.close_orphans(sweep.journal, interrupted=True)
+    left = sweep.journal.close(timeout=min(sweep.s.mlflow_wait, 10.0))
+    spooled = f" ({left} MLflow writes spooled in {sweep.journal.folder})" if left else ""
+    print(
+        f"\nsweep {sweep.s.name} interrupted; its state is saved{spooled}. Resume with:\n  {sweep.s.resume_command}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
 def fit_baseline(s: Settings, budget: Budget) -> Settings:
     """`s` with the seed baseline's epochs cut to what fits in a trial's time limit, or left out when not one
     epoch does (said on stdout): the baseline is measured on the budget every trial has. A pure function of
@@ -255,10 +145,10 @@ def _run(sweep: Sweep, data) -> int:
         path = resume.phase_path(s.path, i)
         total = n + 1 if s.with_baseline and i == 0 else n  # the first search runs the seed baseline too
         tuner, known = _restored(sweep, path)
-        tuner = tuner or _search_tuner(sweep, path, i, total)
+        tuner = tuner or tuners.search_tuner(sweep, path, i, total)
         results, st = _fit(sweep, tuner, path, known, total, ("trial", "baseline"))
         if results is None:
-            return sweep.interrupted()
+            return _interrupted(sweep)
         rows += collect(results, s.base, s.baseline)
         sweep.saw(rows)
         statuses |= st
@@ -274,10 +164,10 @@ def _run(sweep: Sweep, data) -> int:
         print(f"confirming the top {len(confirm) // s.confirm} with {s.confirm} fresh seeds each", flush=True)
         path = resume.confirm_path(s.path, len(phases))
         tuner, known = _restored(sweep, path)
-        tuner = tuner or _tuner(sweep, path, len(confirm), FixedConfigs(Path(path).name, s.out_dir, confirm), None)
+        tuner = tuner or tuners.confirm_tuner(sweep, path, confirm)
         cresults, cstatuses = _fit(sweep, tuner, path, known, len(confirm), ("confirm",))
         if cresults is None:
-            return sweep.interrupted()
+            return _interrupted(sweep)
         rows += collect(cresults, s.base, s.baseline)
         statuses = {**statuses, **cstatuses}
     runs.close_orphans(sweep.journal, interrupted=False)
@@ -349,57 +239,6 @@ def trial_statuses(journal: Journal, results) -> dict[str, str]:
     return out
 
 
-def _search_tuner(sweep: Sweep, path: str, phase: int, total: int):
-    """A new Tuner for search `phase` (0: the sweep's first, with the baseline; then its extensions)."""
-    s = sweep.s
-    baseline = None
-    if s.with_baseline and phase == 0:
-        baseline = {k: v for k, v in s.baseline.to_dict().items() if k in _baseline_keys()} | {"role": "baseline"}
-    space = Space(s.ranges, s.fixed, experiment=s.name)
-    salt = "|".join([*s.warm_start, str(phase)]) if s.warm_start or phase else ""
-    start = start_params(s.base, s.ranges, s.fixed) if phase == 0 else None  # the reference, first
-    known = Known(s.trial_settings, sweep.priors.trials if sweep.priors else [], salt, start)
-    study = s.out_dir / "optuna.db"
-    searcher = make_searcher(space, baseline, s.seed, study, s.max_concurrent, known, Path(path).name)
-    scheduler = FIFOScheduler()
-    if s.scheduler == "asha":
-        rungs = sweep.budget.asha(s.max_epochs, s.grace_period)
-        scheduler = callbacks.SweepASHA(metric=METRIC, mode=MODE, reduction_factor=REDUCTION, **rungs)
-    # The search's ETA counts the confirmation to come: --confirm seeds of --confirm-top configurations.
-    return _tuner(sweep, path, total, searcher, scheduler, s.confirm * s.confirm_top)
-
-
-def _tuner(sweep: Sweep, path: str, total: int, searcher, scheduler, later: int = 0):
-    """A Tuner of `total` trials; `later`: the runs of the phases after it (for the ETA)."""
-
-    s = sweep.s
-    mlflow_cb = callbacks.MLflowCallback(sweep.journal, s.base, s.baseline, s.params, Path(path).name)
-    b = sweep.budget
-    fraction = asha_fraction(b, s.scheduler, s.max_epochs, s.grace_period) if scheduler is not None else 1.0
-    guess = b.max_trial_s or (TRIAL_FACTOR * b.reference_s if b.reference_s else None)  # before a trial's pace
-    eta = Eta(total, min(sweep.concurrency, total), b.max_trial_s, fraction, guess, later)
-    progress = callbacks.ProgressCallback(total, s.base, s.baseline, eta, sweep.n_train, sweep.since())
-    return tune.Tuner(
-        sweep.trainable(path),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=total,
-            reuse_actors=True,
-            trial_dirname_creator=_trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=Path(path).name,
-            storage_path=s.storage,
-            callbacks=[mlflow_cb, progress],
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            # Tune keeps every checkpoint; each trial prunes its own, with a lag (sweeps/trainable.py).
-            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
-            verbose=0,
-        ),
-    )
-
-
 def _exit_code(sweep: Sweep, summary: dict) -> int:
     s, journal = sweep.s, sweep.journal
     left = journal.close(timeout=s.mlflow_wait)
@@ -447,12 +286,57 @@ def _gpus(s: Settings, available: float) -> float:
     return gpus
 
 
-def _trial_dirname(trial) -> str:
-    return f"{trial.config.get('role', 'trial')}-{trial.trial_id}"  # Tune's default packs the config into it
+@contextlib.contextmanager
+def ray_session(s):
+    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
+    at the end. SIGTERM then takes Ctrl-C's path."""
+
+    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_mlflow_http()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
+    if s.ray_num_gpus is not None:
+        init_kw["num_gpus"] = s.ray_num_gpus
+    try:
+        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
+            ray.init(**init_kw)
+    except Exception as e:
+        if s.address is None:
+            raise
+        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
+    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
-def _baseline_keys() -> set[str]:
-    """The baseline preset's training fields; data fields (resolution, splits, subset, seed) come from the sweep."""
-    data_fields = {"task", "tags", "image_size", "val_fraction", "test_fraction", "subset", "eval_subset", "seed"}
-    data_fields.add("split_seed")
-    return {f.name for f in dataclasses.fields(TrainConfig)} - data_fields
+@contextlib.contextmanager
+def _deadline(seconds: float | None, task: str, address: str | None):
+    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
+
+    Nothing of the sweep has been written yet, so a hard exit loses nothing.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def give_up() -> None:
+        print(
+            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
+            f"within {seconds:g} s; check the address, or raise --connect-timeout",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_USAGE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

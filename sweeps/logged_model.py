@@ -38,11 +38,10 @@ def requirements() -> list[str]:
     return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in REQUIREMENTS]
 
 
-def journal_op(
-    checkpoint: Path, test_x, out_dir: Path, sweep: str, trial_id: str, register: str | None, source: str = ""
-) -> dict:
+def journal_op(checkpoint: Path, test_x, sweep: str, trial_id: str, register: str | None, source: str = "") -> dict:
     """The fields of the journal's "model" op for the checkpoint `best_model.pt`: everything it needs is in
-    the op or in a file beside the checkpoint, so a replay (`--sync`) logs the same model.
+    the op or in a file beside the checkpoint (the input example is written there), so a replay (`--sync`)
+    logs the same model.
 
     `test_x`: uint8 (N, 3, S, S) test images; the first two are the input example (zeros when there are none)."""
     _, cfg, meta = load_model(checkpoint)
@@ -50,7 +49,7 @@ def journal_op(
     example = np.asarray(test_x[:2]).transpose(0, 2, 3, 1) if len(test_x) else np.zeros((0, size, size, 3))
     if example.shape[1:] != (size, size, 3) or len(example) == 0:
         example = np.zeros((1, size, size, 3))
-    example_path = out_dir / "model_input_example.npy"
+    example_path = Path(checkpoint).parent / "model_input_example.npy"
     np.save(example_path, np.ascontiguousarray(example, dtype=np.uint8), allow_pickle=False)
     metadata = {
         "task": cfg.task,

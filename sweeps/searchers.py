@@ -76,12 +76,14 @@ class Known:
     """What a sweep's sampler starts from besides its own trials: the settings its trials run under
     (recorded on each, for later warm starts), earlier sweeps' trials (`--warm-start`), and a salt that
     gives its random start-up draws their own sequence (a warm-started or extended sweep with the
-    seed of the sweep it learns from would otherwise draw that sweep's first configurations again)."""
+    seed of the sweep it learns from would otherwise draw that sweep's first configurations again);
+    and the Tune experiment its phase hands trials to."""
 
     settings: dict = field(default_factory=dict)
     prior: list = field(default_factory=list)  # optuna FrozenTrials (sweeps.warmstart.Priors.trials)
     salt: str = ""
     start: dict | None = None  # the first search trial's params in a new study without priors (the reference)
+    tune_name: str | None = None  # None: the study's own name; an extension's Tuner has another (the same study)
 
     def sampler_seed(self, seed: int) -> int:
         return seed if not self.salt else (seed + zlib.crc32(self.salt.encode())) % 2**31
@@ -108,14 +110,12 @@ class BaselineThenOptuna(Searcher):
     search space), then delegates to OptunaSearch. An errored trial is told to Optuna as FAIL,
     not as COMPLETE with its last value; every told trial carries a `status` user attribute."""
 
-    def __init__(
-        self, space: Space, baseline: dict | None, seed: int, study: Path, known: Known | None = None, tune_name=None
-    ) -> None:
+    def __init__(self, space: Space, baseline: dict | None, seed: int, study: Path, known: Known | None = None) -> None:
         super().__init__(metric=METRIC, mode=MODE)
-        self.experiment, self.space, self.baseline = space.experiment, space, baseline
-        self.tune_name = tune_name or space.experiment  # an extended sweep's later Tuners: the same study
-        self.study_path = study
         known = known or Known()
+        self.experiment, self.space, self.baseline = space.experiment, space, baseline
+        self.tune_name = known.tune_name or space.experiment  # an extended sweep's later Tuners: the same study
+        self.study_path = study
         self.settings = known.settings
         self.storage = optuna_storage(study)  # one connection pool for this searcher and its OptunaSearch
         self.inner = OptunaSearch(
@@ -238,17 +238,11 @@ def _deserialize(path: Path, data: bytes) -> None:
 
 
 def make_searcher(
-    space: Space,
-    baseline: dict | None,
-    seed: int,
-    study: Path,
-    max_concurrent: int | None,
-    known: Known | None = None,
-    tune_name: str | None = None,
+    space: Space, baseline: dict | None, seed: int, study: Path, max_concurrent: int | None, known: Known | None = None
 ) -> Searcher:
     """The sweep's searcher: `space.experiment` names the Optuna study, kept in the SQLite file `study`;
-    `tune_name` the Tune experiment it hands trials to (another one than the study's for an extension)."""
-    searcher = BaselineThenOptuna(space, baseline, seed, study, known, tune_name)
+    `known.tune_name` the Tune experiment it hands trials to (another one than the study's for an extension)."""
+    searcher = BaselineThenOptuna(space, baseline, seed, study, known)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
 
 

@@ -3,50 +3,12 @@ handled as Ctrl-C, MLflow's own HTTP retries off (the journal retries)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import signal
-import sys
 import threading
-import warnings
 from pathlib import Path
-
-import optuna
-import ray
-
-from cnnclf.args import UsageError, first_line
-
-EXIT_USAGE = 2
-
-
-@contextlib.contextmanager
-def ray_session(s):
-    """Ray, started here or joined at --address (which must answer within --connect-timeout); shut down
-    at the end. SIGTERM then takes Ctrl-C's path."""
-
-    # We checkpoint every epoch on purpose; and our own progress lines replace Tune's tables.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    quiet_mlflow_http()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    init_kw: dict = {"address": s.address} if s.address else {"include_dashboard": False, "log_to_driver": False}
-    if s.ray_num_gpus is not None:
-        init_kw["num_gpus"] = s.ray_num_gpus
-    try:
-        with _deadline(s.connect_timeout if s.address else None, s.spec.task, s.address):
-            ray.init(**init_kw)
-    except Exception as e:
-        if s.address is None:
-            raise
-        raise UsageError(f"argument --address: cannot join the Ray cluster at {s.address} ({first_line(e)})") from None
-    sigterm_as_sigint()  # after ray.init: its core worker installs a SIGTERM handler that aborts
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def disk_error(e: BaseException | None) -> OSError | None:
@@ -81,34 +43,6 @@ def log_to_file(path: Path) -> Path:
         logger.addHandler(handler)
         logger.propagate = False
     return path
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float | None, task: str, address: str | None):
-    """Exit 2 if the block (ray.init on a reachable port that is not a Ray head) outlasts `seconds`.
-
-    Nothing of the sweep has been written yet, so a hard exit loses nothing.
-    """
-    if seconds is None:
-        yield
-        return
-
-    def give_up() -> None:
-        print(
-            f"{task} sweep: error: argument --address: no Ray cluster answered at {address} "
-            f"within {seconds:g} s; check the address, or raise --connect-timeout",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(EXIT_USAGE)
-
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 def sigterm_as_sigint() -> None:

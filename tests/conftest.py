@@ -18,14 +18,53 @@ from PIL import Image
 
 from cnnclf.data import CIFAR10_CLASSES
 
+pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the collection hook below on a suite of its own
 
+# The fixtures that start Ray (a sweep, a cluster), an MLflow server or a browser. A test that uses one, directly
+# or through another fixture, is marked slow here, so `pytest -m "not slow"` never starts them and no test can
+# forget its mark (tests/test_tiers.py checks the hook). Tests that start Ray without such a fixture (a sweep
+# script in a subprocess) carry the mark themselves.
+SLOW_FIXTURES = frozenset({"smoke_sweep", "budget_sweep", "mlflow_server", "chromium", "two_nodes"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """Starts real `mlflow server`s (tests/mlflow_server.py): `mlflow_server(store_uri, ...)` is an MlflowServer,
+    not yet started; any still running at the end of the session are stopped. Using it marks a test slow."""
+    from tests.mlflow_server import MlflowServer
+
+    made: list[MlflowServer] = []
+
+    def make(backend_store_uri: str, **kwargs) -> MlflowServer:
+        made.append(MlflowServer(backend_store_uri, **kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Launches Debian's headless Chromium through Playwright (tests/browser.py): `with chromium() as browser:`.
+    A launcher, not a browser: Playwright's event loop must not outlive the block (it breaks asyncio.run in
+    the tests that follow). Using it marks a test slow."""
+    from tests.browser import launch
+
+    return launch
 
 
 @pytest.fixture

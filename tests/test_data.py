@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import cnnclf.data as data_mod
+import cnnclf.data.decode as decode_mod
+import cnnclf.data.downloads as downloads_mod
 from cnnclf.data import (
     CIFAR10_CLASSES,
     DataError,
@@ -107,7 +108,7 @@ def test_decode_cache_is_reused_and_keyed_by_file_list(cifar_tree: Path, monkeyp
     def no_decoding(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
+    monkeypatch.setattr(decode_mod, "decode_image", no_decoding)
     again = _load("cifar10", cifar_tree)
     assert torch.equal(first.train_x, again.train_x)
     monkeypatch.undo()
@@ -189,7 +190,7 @@ def test_cifar_download_checks_md5_and_extracts(http_dir, tmp_path: Path, monkey
     trust_cifar_batches(monkeypatch, write_cifar_batches(src))
     archive = tar_gz(src / "cifar-10-batches-py", served / "c.tar.gz")
     monkeypatch.setenv("CNNCLF_CIFAR10_URL", f"{url}/c.tar.gz")
-    monkeypatch.setattr(CIFAR10, "tgz_md5", data_mod._file_md5(archive))
+    monkeypatch.setattr(CIFAR10, "tgz_md5", downloads_mod._file_md5(archive))
     dest = tmp_path / "data"
     d = _load("cifar10", dest)
     assert len(d.test_y) == 20
@@ -288,7 +289,7 @@ def test_train_batches_cover_epoch_once():
 def test_corrupt_file_helper_covers_kinds(tmp_path: Path):
     names = add_corrupt_files(tmp_path)
     for n in names:
-        reason, _detail = data_mod._decode_or_reason(tmp_path / n, 16)
+        reason, _detail = decode_mod._decode_or_reason(tmp_path / n, 16)
         assert reason
 
 
@@ -381,7 +382,7 @@ def test_broken_files_are_skipped_counted_and_named(layout: str, tmp_path: Path,
     def no_decoding(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
+    monkeypatch.setattr(decode_mod, "decode_image", no_decoding)
     again = _load(task, tmp_path / "data", image_size=32)
     for key in ("files_read", "files_skipped", "skipped_by_reason", "skipped", "splits"):
         assert again.manifest[key] == m[key], key
@@ -405,14 +406,14 @@ def test_repaired_file_is_decoded_again(tmp_path: Path):
 def test_unreadable_file_is_not_cached(tmp_path: Path, monkeypatch):
     """A file skipped for a reason outside its bytes (permissions, I/O) must not stay skipped via the cache."""
     task, _, good = _layout("catdog-class-folders", tmp_path / "data")
-    real = data_mod.decode_image
+    real = decode_mod.decode_image
 
     def flaky(path, size, formats=None):
         if Path(path) == good[0]:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, size, formats)
 
-    monkeypatch.setattr(data_mod, "decode_image", flaky)
+    monkeypatch.setattr(decode_mod, "decode_image", flaky)
     d = _load(task, tmp_path / "data", image_size=32)
     assert d.manifest["skipped_by_reason"]["unreadable file"] == 1
     assert not list((tmp_path / "data" / ".cnnclf-cache").glob("catdog-32px-*.pt"))

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import cnnclf.data as data_mod
+import cnnclf.data.decode as decode_mod
 from cnnclf.data import load_task
 from tests.conftest import class_image, write_catdog_flat, write_image
 
@@ -88,7 +89,7 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path, monkeypatch, layou
     def no_decoding(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
+    monkeypatch.setattr(decode_mod, "decode_image", no_decoding)
     again = _load(root)
     assert again.manifest["splits"] == m["splits"] and again.manifest["digest"] == m["digest"]
 

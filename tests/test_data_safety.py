@@ -20,6 +20,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import cnnclf.data as data_mod
+import cnnclf.data.decode as decode_mod
+import cnnclf.data.downloads as downloads_mod
 from cnnclf.data import CIFAR10_CLASSES, DataError, load_task
 from tests.conftest import (
     class_image,
@@ -48,7 +50,7 @@ def trust_cifar_batches(monkeypatch, folder: Path, meta: bool = True) -> None:
     from torchvision.datasets import CIFAR10
 
     def md5(name: str) -> str:
-        return data_mod._file_md5(folder / name)
+        return downloads_mod._file_md5(folder / name)
 
     monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n, _ in CIFAR10.train_list])
     monkeypatch.setattr(CIFAR10, "test_list", [[n, md5(n)] for n, _ in CIFAR10.test_list])
@@ -231,7 +233,7 @@ def test_a_failed_cache_write_is_not_fatal(tmp_path: Path, monkeypatch, capsys):
         Path(f).write_bytes(b"\x00" * 10)  # what a write cut short leaves
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
 
-    monkeypatch.setattr(data_mod.torch, "save", full_disk)
+    monkeypatch.setattr("torch.save", full_disk)
     capsys.readouterr()
     m = _load("cifar10", root).manifest
     assert m["files_read"] == 40 and m["manifest_path"] is not None
@@ -305,7 +307,7 @@ def test_prune_caches_removes_what_no_file_list_matches(tmp_path: Path, monkeypa
     def no_decoding(*a, **k):
         raise AssertionError("decoded again: prune removed the current cache")
 
-    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
+    monkeypatch.setattr(decode_mod, "decode_image", no_decoding)
     assert _load("cifar10", root).manifest["splits"] == current["splits"]
     monkeypatch.undo()
 

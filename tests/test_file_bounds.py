@@ -199,7 +199,7 @@ def _npz(path: Path, **arrays) -> Path:
     ],
 )
 def test_check_samples_reads_only_headers(tmp_path, arrays, why):
-    from reports.data import check_samples
+    from reports.artifacts import check_samples
 
     path = _npz(tmp_path / "s.npz", **arrays)
     if why is None:
@@ -211,7 +211,7 @@ def test_check_samples_reads_only_headers(tmp_path, arrays, why):
 
 def test_check_samples_refuses_a_member_that_is_no_npy(tmp_path):
     """np.load hands back the raw bytes of a member without the .npy magic: all of them, decompressed."""
-    from reports.data import check_samples
+    from reports.artifacts import check_samples
 
     path = _npz(tmp_path / "s.npz")
     with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -234,7 +234,7 @@ def test_json_artifacts_nested_100k_deep_are_notes(store):
 
 
 def test_read_json_bounds_depth_and_size(tmp_path):
-    from reports.data import MAX_JSON_DEPTH, read_json
+    from reports.artifacts import MAX_JSON_DEPTH, read_json
 
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"a": [[{"b": 1}]]}))

@@ -37,3 +37,25 @@ def test_the_sweep_never_imports_the_models_code_file_so_importing_it_has_no_sid
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_training_loads_no_download_decode_or_cache_code():
+    """`from cnnclf.data import Normalizer` (cnnclf/train.py) loads cnnclf.data.batches and splits alone: the
+    package re-exports lazily. urllib, tarfile and zipfile are not asserted absent: torch imports them itself;
+    the contract "training reaches no network or archive code" covers what our own code imports."""
+    code = (
+        "import sys, cnnclf.train, cnnclf.data\n"
+        "assert cnnclf.data.Normalizer is cnnclf.data.batches.Normalizer\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('cnnclf.data'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cnnclf.data", "cnnclf.data.batches", "cnnclf.data.splits"]
+
+
+def test_every_public_name_of_cnnclf_data_resolves():
+    import cnnclf.data
+
+    missing = [name for name in cnnclf.data.__all__ if getattr(cnnclf.data, name, None) is None]
+    assert not missing
+    assert cnnclf.data.load_task.__module__ == "cnnclf.data.task"

@@ -1,6 +1,6 @@
 """The MLflow UI on a real sweep's store, as a user sees it (issue 12): a real smoke sweep with --register-model,
-a real `mlflow server --workers 1` on its SQLite store, and Debian's headless Chromium driven over the DevTools
-protocol (benchmarks/mlflow_ui_screens.py) through the runs table in model-training mode, the compare view, the
+a real `mlflow server --workers 1` on its SQLite store, and Debian's headless Chromium driven with Playwright
+(tests/mlflow_ui.py, tests/browser.py) through the runs table in model-training mode, the compare view, the
 Models tab, a trial's page, the sweep run's page and its artifacts.
 
 What each page must show is read from the store with MlflowClient, so the tests check that the UI shows what
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.mlflow_ui_screens import MlflowServer, run_name, tour
 from tests.conftest import REGISTERED_MODEL
+from tests.mlflow_ui import run_name, tour
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # and so by its fixtures (smoke_sweep, mlflow_server, chromium)
 
 NOTE = "mlflow.note.content"
 REGISTERED = REGISTERED_MODEL
@@ -31,9 +31,10 @@ HYPERPARAMETERS = ("lr", "batch_size")  # ticked in the runs table's column pick
 # warnings) are not collected.
 ALLOWED_CONSOLE_ERRORS = {
     # At every page load the UI asks who is logged in. Only `mlflow server --app-name basic-auth` serves that
-    # route; a plain server answers 404, which Chromium logs as a failed resource load.
+    # route; a plain server answers 404, which Chromium logs as a failed resource load (tests/browser.py adds
+    # the resource's URL to the line).
     "users/current 404": re.compile(
-        r"^network: Failed to load resource: the server responded with a status of 404 \(Not Found\) "
+        r"^console\.error: Failed to load resource: the server responded with a status of 404 \(Not Found\) "
         r"\(http://127\.0\.0\.1:\d+/ajax-api/2\.0/mlflow/users/current\)$"
     ),
     # The notice a browser raises when a ResizeObserver callback changes the layout it observes within one frame
@@ -51,18 +52,15 @@ def squash(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(smoke_sweep) -> SimpleNamespace:
+def ui(smoke_sweep, mlflow_server, chromium) -> SimpleNamespace:
     tmp, r, uri = smoke_sweep.tmp, smoke_sweep.result, smoke_sweep.uri
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cifar10")
     runs = client.search_runs([exp.experiment_id], "tags.sweep = 'smoke'", max_results=100)
     parent = next(r for r in runs if r.data.tags.get("role") == "sweep")
     children = [r for r in runs if r.info.run_id != parent.info.run_id]
-    server = MlflowServer(uri, log=tmp / "mlflow-server.log")
-    try:
-        pages = tour(server.url, exp.experiment_id, "smoke", tmp / "screens", tmp / "chromium", HYPERPARAMETERS)
-    finally:
-        server.stop()
+    with mlflow_server(uri, log=tmp / "mlflow-server.log") as server, chromium() as browser:
+        pages = tour(server.url, exp.experiment_id, "smoke", tmp / "screens", browser, HYPERPARAMETERS)
     return SimpleNamespace(
         stdout=r.stdout, client=client, exp=exp, parent=parent, children=children, pages=pages, tmp=tmp
     )

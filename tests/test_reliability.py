@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnclf.data import CIFAR10_CLASSES
 from tests.conftest import write_catdog_flat, write_cifar_folders
+from tests.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "sweeps" / "cifar10.py")
@@ -247,7 +246,6 @@ def test_worker_killed_trial_resumes_from_its_checkpoint(tmp_path, cifar_dir):
     assert last["training_iteration"] == 3 and last["iterations_since_restore"] < 3  # resumed, not restarted
 
 
-
 def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, cifar_dir):
     """A worker that dies before its trial has reported anything (as when Ray's memory monitor kills it while
     the actor starts) is a trial failure: retried under --max-failures, then it trains as usual."""
@@ -263,6 +261,7 @@ def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, ci
     _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "ks")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "completed"
     assert runs[0].data.tags.get("retries") == "1" and "test/acc" in runs[0].data.metrics
+
 
 # --- 3. a trial that always raises; 6. out of memory ------------------------------------------
 
@@ -415,68 +414,31 @@ def test_sweep_runs_on_folders_with_corrupt_files_and_counts_them(tmp_path, task
 # --- 7. the MLflow server goes down ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `mlflow server` on a SQLite store; stopped and started again on the same port and store."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
-            "--artifacts-destination", str(self.tmp / "server-artifacts"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path)
+def server(tmp_path, mlflow_server):
+    """A real `mlflow server` on a SQLite store (tests/mlflow_server.py); stopped and started again on the
+    same port and store, and killed at the end."""
+    s = mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", artifacts_destination=tmp_path / "server-artifacts")
     yield s
-    s.stop()
+    s.stop(kill=True)
 
 
 def test_mlflow_outage_mid_sweep_loses_nothing(tmp_path, cifar_dir, server):
-    server.start()
+    server.start(timeout=120)
     args = [
         "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "3", "--max-concurrent", "1",
-        "--no-baseline", "--fix", "batch_size=4", *SMALL, *paths(tmp_path, "out1", server.uri),
+        "--no-baseline", "--fix", "batch_size=4", *SMALL, *paths(tmp_path, "out1", server.url),
     ]  # fmt: skip
     proc = start(tmp_path, args)
     wait_for_line(proc, "epoch 1/3")
-    server.stop()  # down for the middle of the sweep
+    server.stop(kill=True)  # down for the middle of the sweep
     seen = wait_for_line(proc, "epoch 3/3")  # training went on meanwhile
-    server.start()
+    server.start(timeout=120)
     out, _ = proc.communicate(timeout=300)
     text = "".join(seen) + out
     assert proc.returncode == 0, text[-3000:]
     assert "unreachable" in text and "reachable again" in text
-    client, parents, runs = children(server.uri, "out1")
+    client, parents, runs = children(server.url, "out1")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
@@ -485,14 +447,14 @@ def test_mlflow_outage_mid_sweep_loses_nothing(tmp_path, cifar_dir, server):
 
 
 def test_mlflow_down_until_the_end_then_sync_writes_everything(tmp_path, cifar_dir, server):
-    server.start()
+    server.start(timeout=120)
     args = [
         "--data-dir", cifar_dir, "--num-samples", "2", "--max-epochs", "2", "--max-concurrent", "1",
-        "--no-baseline", "--fix", "batch_size=16", "--mlflow-wait", "3", *SMALL, *paths(tmp_path, "out2", server.uri),
+        "--no-baseline", "--fix", "batch_size=16", "--mlflow-wait", "3", *SMALL, *paths(tmp_path, "out2", server.url),
     ]  # fmt: skip
     proc = start(tmp_path, args)
     wait_for_line(proc, " started")
-    server.stop()  # and it stays down
+    server.stop(kill=True)  # and it stays down
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
     assert "--sync" in out and "stayed unreachable" in out
@@ -500,10 +462,10 @@ def test_mlflow_down_until_the_end_then_sync_writes_everything(tmp_path, cifar_d
 
     r = run(tmp_path, ["--sync", "--name", "out2", "--out", tmp_path / "out"])
     assert r.returncode == 2 and "--tracking-uri" in r.stderr  # still down: a one-line error, nothing lost
-    server.start()
+    server.start(timeout=120)
     r = run(tmp_path, ["--sync", "--name", "out2", "--out", tmp_path / "out"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    client, parents, runs = children(server.uri, "out2")
+    client, parents, runs = children(server.url, "out2")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert "best/val/acc" in parents[0].data.metrics
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

@@ -298,9 +298,9 @@ def test_a_sweep_without_cost_figures_still_reports(reports):
 
 
 def test_data_reads_warm_start_json():
-    from reports.data import _warm_start
+    from reports.artifacts import warm_start
 
-    doc = _warm_start({"trials": [{"sweep": "a", "number": 1, "params": {}, "value": float("nan")}]})
+    doc = warm_start({"trials": [{"sweep": "a", "number": 1, "params": {}, "value": float("nan")}]})
     assert doc == {
         "sources": ["a"],
         "trials": [{"sweep": "a", "number": 1, "params": {}, "value": None, "status": "completed"}],
@@ -308,7 +308,7 @@ def test_data_reads_warm_start_json():
     }
     for bad in ([], {"trials": "x"}, {"trials": [{"number": 1}]}, {"left_out": [{"sweep": "a"}]}):
         with pytest.raises((KeyError, TypeError, ValueError)):
-            _warm_start(bad)
+            warm_start(bad)
 
 
 def test_compared_sweeps_each_have_their_cost_section(reports):

@@ -183,6 +183,7 @@ def test_tracking_lock_never_truncates_through_a_planted_symlink(tmp_path):
 # --- an address that does not answer ---------------------------------------------------------
 
 
+@pytest.mark.slow  # ray.init in the sweep's process, for --connect-timeout's 15 s
 def test_an_address_that_accepts_but_is_no_ray_head_gives_up_with_exit_2(tmp_path):
     """A port that takes the TCP connection but never speaks Ray's protocol: Ray alone retries for
     more than ten minutes. The sweep gives up after --connect-timeout with one line naming --address."""

@@ -191,12 +191,12 @@ def test_the_baseline_trains_the_epochs_that_fit_a_trials_limit_or_is_left_out(c
 def test_the_limit_follows_the_reference_configuration_not_the_baseline():
     from types import SimpleNamespace
 
-    from sweeps.budget import TRIAL_FACTOR, plan, reference
+    from sweeps.budget import TRIAL_FACTOR, Machine, plan, reference
 
     data = _tiny(n=1024, size=16)
     slow_baseline = TrainConfig(task="cifar10", model="cnn", depth=4, width=32, batch_size=4, epochs=2, image_size=16)
     ref = TrainConfig(task="cifar10", model="cnn", depth=2, width=8, batch_size=64, epochs=2, image_size=16)
-    b = plan("time", None, (slow_baseline, ref), 200, data, "cpu", 1)
+    b = plan("time", None, (slow_baseline, ref), 200, data, Machine("cpu", 1))
     assert b.reference_s is not None and b.baseline_s is not None and b.baseline_s > b.reference_s
     assert b.max_trial_s == pytest.approx(max(60.0, TRIAL_FACTOR * b.reference_s))
     assert "reference configuration" in b.source and b.baseline_epoch_s == pytest.approx(b.baseline_s / 200)

@@ -121,7 +121,7 @@ def test_evaluate_confusion_and_per_class():
 
     x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
     y = torch.tensor([0, 1, 1, 2, 2, 2])
-    r = evaluate(Always1(), x, y, Normalizer((0, 0, 0), (1, 1, 1), torch.device("cpu")), 3, batch_size=4)
+    r = evaluate(Always1(), (x, y), Normalizer((0, 0, 0), (1, 1, 1), torch.device("cpu")), 3, batch_size=4)
     assert r["acc"] == pytest.approx(2 / 6)
     assert r["per_class"] == [0.0, 1.0, 0.0]
     assert r["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 3, 0]]
