@@ -20,7 +20,7 @@ def temp_path(path: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block has written it, it replaces `path` in one step.
 
         with atomic_write(cache) as tmp:
@@ -36,6 +36,9 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     - a leftover temporary file of the same name (this pid, an earlier crash) is removed first, without
       following it if it is a link.
 
+    `durable=False` skips both fsyncs, for a file that may be lost or go back to an older version on a power
+    loss without harm (the journal's applied-op mark: replaying ops is idempotent); still all or nothing.
+
     The temporary file is `<name>.tmp<pid>` (TEMP_RE): two processes never share one, two threads of one
     process writing the same path must not overlap. The block creates the file itself (any way it likes);
     a block that creates nothing makes the fsync raise FileNotFoundError.
@@ -46,12 +49,15 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink()
     try:
         yield tmp
-        _fsync(tmp, os.O_RDWR)
+        if durable:
+            _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if not durable:
+        return
     with contextlib.suppress(OSError):  # not every file system can fsync a folder (some network mounts)
         _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 

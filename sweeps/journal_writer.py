@@ -117,7 +117,9 @@ class MLflowWriter:
 
     def _save_state(self) -> None:
         state = {"applied": self.applied, "run_ids": self.run_ids, "experiment_id": self.experiment_id}
-        with atomic_write(self.state_path) as tmp:  # a leftover temp file, or a planted link, is removed first
+        # After every applied op, under the lock `append` waits on: no fsync (a state file older than the ops only
+        # replays some, which MLflow takes twice as the same values). A leftover temp or planted link goes first.
+        with atomic_write(self.state_path, durable=False) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(state))

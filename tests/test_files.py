@@ -38,3 +38,14 @@ def test_a_leftover_temp_link_is_not_written_through(tmp_path: Path):
     with atomic_write(target) as tmp:
         tmp.write_text("{}")
     assert elsewhere.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()
+
+
+def test_a_write_that_need_not_survive_a_power_loss_is_not_fsynced(tmp_path: Path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    with atomic_write(tmp_path / "mark.json", durable=False) as tmp:
+        tmp.write_text("{}")
+    assert synced == [] and (tmp_path / "mark.json").read_text() == "{}"
+    with atomic_write(tmp_path / "ckpt.pt") as tmp:
+        tmp.write_bytes(b"x")
+    assert len(synced) == 2  # the file, then its folder
