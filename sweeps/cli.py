@@ -20,19 +20,24 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnclf.args import UsageError
 from cnnclf.config import ConfigError, TrainConfig
 from sweeps import store, warmstart
-from sweeps.driver import run_sweep
 from sweeps.flags import DEFAULT_SAMPLES, SMOKE_SAMPLES, build_parser, check_args, confirm_defaults
-from sweeps.guard import claim, lock_holder, same_sweep, sync, tracking
-from sweeps.journal import read_meta
-from sweeps.saving import ReportWriter
+from sweeps.guard import claim, lock_holder, same_sweep, tracking
+from sweeps.journal_checks import read_meta
 from sweeps.session import LOG_NAME, SweepFailed, disk_error, log_to_file
 from sweeps.settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Settings
 from sweeps.spec import SEARCH_PARAMS, TaskSpec
 from sweeps.warmstart import settings_of
+
+if TYPE_CHECKING:
+    from sweeps.saving import ReportWriter
+
+# Light imports only (no Ray, Tune or MLflow; torch where a check builds a model): every flag is checked, and a
+# mistake answered in a second, before `_main` imports sweeps.driver.
 
 
 def main(spec: TaskSpec, argv: list[str] | None = None, report: ReportWriter | None = None) -> int:
@@ -66,6 +71,8 @@ def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
     args = build_parser(spec).parse_args(argv)
     check_args(args)
     if args.sync:
+        from sweeps.sync import sync
+
         return sync(spec, args, report)
     s, load = settings(spec, args, argv)
     if s.address is not None:
@@ -81,12 +88,16 @@ def _main(spec: TaskSpec, argv: list[str], report: ReportWriter | None) -> int:
         f"at {data.image_size}px ({data.manifest['files_skipped']} files skipped)",
         flush=True,
     )
+    # Ray, Tune and MLflow load here: after every check, and before log_to_file takes over the loggers that Ray
+    # configures as it is imported (imported later, Ray would put Tune's lines and tracebacks back on the console).
+    from sweeps import driver
+
     s = claim(s, args)  # before the sweep writes anything: one driver per name, and a resume is the same sweep
     log = log_to_file(s.out_dir / LOG_NAME)
     print(f"logs: {log} (Ray's, Tune's and MLflow's own messages, and any traceback)", flush=True)
     tracking("prepare", s.tracking_uri)
     print(f"MLflow: {s.tracking_uri}", flush=True)
-    return run_sweep(s, data, report)
+    return driver.run_sweep(s, data, report)
 
 
 def settings(spec: TaskSpec, args: argparse.Namespace, argv: Sequence[str] = ()) -> tuple[Settings, dict]:
@@ -171,7 +182,7 @@ def _build(spec: TaskSpec, v: dict, argv: Sequence[str]) -> Settings:
 
 
 def _check_fit(base: TrainConfig, baseline: TrainConfig, args: argparse.Namespace) -> None:
-    from cnnclf.train import check_model_fits
+    from cnnclf.recipe import check_model_fits
 
     for what, cfg in (("argument --fix", base), ("the baseline", baseline)):
         try:

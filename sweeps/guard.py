@@ -1,8 +1,8 @@
-"""One sweep, one driver, the same sweep on resume: the checks that need the sweep's own files.
+"""One sweep, one driver, the same sweep on resume: the checks that need the sweep's own files. Light: no torch,
+Ray or MLflow, so that a flag's mistake is answered at once (`--sync` is sweeps/sync.py).
 
 - `claim`: the sweep's name taken for this process (`<out>/<name>/driver.lock`, flock), then checked: a new
   sweep's name is free, a resumed sweep exists and is the sweep it was (`same_sweep`).
-- `sync`: `--sync --name N`, what sweep N spooled while MLflow was unreachable written, then its report.
 - `tracking`: the tracking store's checks as exit 2 naming --tracking-uri.
 """
 
@@ -12,16 +12,12 @@ import argparse
 import dataclasses
 import fcntl
 import os
-import sys
 from pathlib import Path
 
 from cnnclf.args import UsageError
 from sweeps import store
-from sweeps.journal import Journal, read_meta
-from sweeps.saving import ReportWriter, write_report
-from sweeps.session import quiet_mlflow_http
-from sweeps.settings import EXIT_FAILED, EXIT_OK, STATE_FORMAT, Settings, resume_record
-from sweeps.spec import TaskSpec
+from sweeps.journal_checks import read_meta
+from sweeps.settings import STATE_FORMAT, Settings, resume_record
 
 
 def claim(s: Settings, args: argparse.Namespace) -> Settings:
@@ -131,31 +127,3 @@ def tracking(step: str, uri: str) -> None:
         store.check(uri, write=True) if step == "check" else store.prepare(uri)
     except store.StoreError as e:
         raise UsageError(f"argument --tracking-uri: {e}") from None
-
-
-def sync(spec: TaskSpec, args: argparse.Namespace, report: ReportWriter | None) -> int:
-    """`--sync --name N`: write what sweep N spooled while MLflow was unreachable, then its report."""
-    folder = args.out / args.name / "journal"
-    if not (folder / "ops.jsonl").exists():
-        raise UsageError(f"argument --name: no journal of a sweep {args.name!r} under {args.out}")
-    hold_lock(args.out / args.name / "driver.lock", args.name)  # not while the sweep itself still writes
-    meta = read_meta(folder)
-    uri = args.tracking_uri or meta.get("tracking_uri") or store.DEFAULT_URI
-    tracking("check", uri)
-    tracking("prepare", uri)
-    quiet_mlflow_http()
-    journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
-    todo = journal.pending()
-    journal.start()
-    left = journal.close(timeout=max(args.mlflow_wait, 1.0))
-    print(f"{args.name}: wrote {todo - left} of {todo} spooled MLflow writes to {uri}", flush=True)
-    if left:
-        print(f"{spec.task} sweep: error: {left} MLflow writes are still spooled in {folder}", file=sys.stderr)
-        return EXIT_FAILED
-    if meta.get("finished") and not (args.out / args.name / "report.html").exists():
-        journal = Journal(folder, uri, meta.get("experiment", args.experiment), args.name)
-        journal.start()
-        write_report(journal, args.out / args.name, report)
-        if journal.close(timeout=max(args.mlflow_wait, 1.0)):
-            return EXIT_FAILED
-    return EXIT_OK

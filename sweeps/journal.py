@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,25 +43,12 @@ from sweeps import faults
 from sweeps.journal_checks import (
     SWEEP_KEY,
     TERMINAL,
-    JournalError,
     Refused,  # noqa: F401 (imported from here, as before the split)
-    check_op,
-    check_state,
+    read_journal,
+    read_meta,  # noqa: F401 (imported from here, as before: it reads without MLflow from journal_checks)
     trial_key,
 )
 from sweeps.journal_writer import MLflowWriter
-
-
-def read_meta(folder: Path) -> dict:
-    """A sweep's facts ("meta" ops) from its journal folder, read only (nothing opened for writing).
-    JournalError when its ops or its state are not what a journal writes: `--resume` and `--sync` call
-    this first, so such a journal stops them before anything is written."""
-    _, ops, _, _ = _read_journal(Path(folder))
-    meta: dict = {}
-    for op in ops:
-        if op["op"] == "meta":
-            meta.update(op["data"])
-    return meta
 
 
 @dataclass
@@ -87,7 +73,7 @@ class Journal(MLflowWriter):
         self.root = self.folder.absolute().parent.resolve()  # the sweep's own folder: <out>/<sweep>
         self.ops_path, self.state_path = self.folder / "ops.jsonl", self.folder / "state.json"
         self.rejected_path = self.folder / "rejected.jsonl"
-        state, ops, good, size = _read_journal(self.folder)
+        state, ops, good, size = read_journal(self.folder)
         self.applied: int = state.get("applied", 0)
         self.run_ids: dict[str, str] = state.get("run_ids", {})
         self.experiment_id: str | None = state.get("experiment_id")
@@ -167,70 +153,6 @@ class Journal(MLflowWriter):
     def pending(self) -> int:
         with self._cv:
             return len(self._pending)
-
-
-# --- reading the journal's files back: data, checked before any of it is used ---------------------
-
-
-def _read_file(path: Path) -> bytes | None:
-    """A journal file's bytes (None when there is none); JournalError for a link (a journal's files are its
-    own: a link would read, append to or truncate another file) or anything else not a readable file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise JournalError(f"{path}: a symbolic link, not the journal's own file") from None
-        raise JournalError(f"{path}: cannot be read ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise JournalError(f"{path}: not a regular file")
-        return f.read()
-
-
-def _read_journal(folder: Path) -> tuple[dict, list[dict], int, int]:
-    """(state, ops, bytes of the whole lines they fill, ops.jsonl's size), each checked. The state is read
-    first: every op it counts as applied was on file before it was written, even while a sweep runs."""
-    state = _read_file(folder / "state.json")
-    ops, good, size = _read_ops(folder / "ops.jsonl")
-    return check_state(folder / "state.json", state, ops), ops, good, size
-
-
-def _read_ops(path: Path) -> tuple[list[dict], int, int]:
-    """(ops, bytes of the whole lines they fill, the file's size). A last line a kill cut short (no
-    newline, or not JSON, with no op after it) was never acknowledged, and is left out; anything else
-    that is not an op as the journal writes it is a JournalError naming the file and line."""
-    data = _read_file(path) or b""
-    lines = data.splitlines(keepends=True)
-    ops: list[dict] = []
-    good = 0
-    for n, line in enumerate(lines, 1):
-        try:
-            op = json.loads(line) if line.endswith(b"\n") else None
-        except ValueError:
-            op = None
-        if op is None:
-            if any(_is_json(later) for later in lines[n:]):
-                raise JournalError(f"{path} line {n}: not a journal op (not JSON), and ops follow it")
-            break  # a torn tail
-        try:
-            check_op(op)
-            if ops and op["seq"] <= ops[-1]["seq"]:
-                raise ValueError(f"seq {op['seq']} after {ops[-1]['seq']}")
-        except ValueError as e:
-            raise JournalError(f"{path} line {n}: not a journal op ({e})") from None
-        ops.append(op)
-        good += len(line)
-    return ops, good, len(data)
-
-
-def _is_json(line: bytes) -> bool:
-    try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
 
 
 def now_ms() -> int:

@@ -1,7 +1,8 @@
 """The MLflow tracking store: one set of checks for the sweeps (which write it) and the reports (which read it).
 
 Every function raises StoreError with a one-line message; each CLI names its own flag in front.
-MLflow itself is imported only by `prepare`, so that a bad URI is refused in milliseconds.
+MLflow itself (a second to import) is imported only by the functions that use it, so that a bad URI, or any
+other flag's mistake of a sweep script, is refused at once.
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
-
-from mlflow.exceptions import MlflowException
-from mlflow.store.db.base_sql_model import Base
-from mlflow.store.db.utils import InitialBase, _get_latest_schema_revision
-from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -43,6 +39,7 @@ def missing_artifacts(uri: str) -> list[str]:
     without them keeps absolute artifact paths, and MLflow then lists no artifacts, without an error).
 
     Only a finished sweep's parent run is known to have artifacts (MLflow makes folders lazily)."""
+    from mlflow.tracking import MlflowClient
 
     c, gone = MlflowClient(tracking_uri=uri), []
     for exp in c.search_experiments():
@@ -155,6 +152,8 @@ def sqlite_tables(path: Path) -> set[str] | None:
 
 def mlflow_tables(db: Path) -> set[str] | None:
     """The tables of an MLflow SQLite database, maybe half-made by a killed migration; None for any other file."""
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import InitialBase
 
     tables = sqlite_tables(db)
     ours = set(Base.metadata.tables) | set(InitialBase.metadata.tables) | {"alembic_version"}
@@ -189,6 +188,8 @@ def prepare(uri: str) -> None:
 
 
 def _repair(uri: str, db: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     tables = mlflow_tables(db) if db.is_file() and db.stat().st_size > 0 else None
     revision, has_runs = _schema(db, tables) if tables else (None, False)
@@ -224,6 +225,7 @@ def _repair(uri: str, db: Path) -> None:
 def schema_head() -> str:
     """The schema revision this MLflow writes (the head of its migrations). Private: MLflow has no
     public call for it (docs/internals.md lists it with the test that catches its change)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
 

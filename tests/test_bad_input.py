@@ -4,7 +4,7 @@ ray_results, mlruns or data/).
 
 Each case runs in an empty working directory that must still be empty afterwards. Most run
 in-process (a CLI's `main(argv)`: no torch import per case); a representative subset runs as real
-subprocesses, as a user types them. Sweep cases run `sweeps.cli.main` with `run_sweep` replaced
+subprocesses, as a user types them. Sweep cases run `sweeps.cli.main` with `sweeps.driver.run_sweep` replaced
 by a tripwire, so a value the sweep fails to refuse is caught before Ray starts, in milliseconds.
 """
 
@@ -313,7 +313,7 @@ class ReachedRay(AssertionError):
 
 
 def _tripwire(*args, **kwargs):
-    raise ReachedRay("sweeps.cli.run_sweep was called: the invalid value was not refused before Ray")
+    raise ReachedRay("sweeps.driver.run_sweep was called: the invalid value was not refused before Ray")
 
 
 def _run_in_process(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -330,8 +330,9 @@ def _run_in_process(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int
         rc = main(argv)
     else:
         import sweeps.cli
+        import sweeps.driver
 
-        monkeypatch.setattr(sweeps.cli, "run_sweep", _tripwire)
+        monkeypatch.setattr(sweeps.driver, "run_sweep", _tripwire)
         rc = sweeps.cli.main(importlib.import_module(f"sweeps.{cli}").SPEC, argv)
     return rc, capsys.readouterr().err
 

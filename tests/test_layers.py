@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +39,30 @@ def test_the_sweep_never_imports_the_models_code_file_so_importing_it_has_no_sid
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("argv", "loaded"),
+    [
+        (["--num-samples", "0"], ()),  # a flag argparse refuses: nothing heavy at all
+        (["--fix", "lr=nan"], ()),
+        (["--data-dir", "{tmp}/nowhere", "--no-download"], ("torch",)),  # every check ran; the data is missing
+    ],
+    ids=["argparse", "fix", "data"],
+)
+def test_a_sweep_flag_mistake_is_answered_before_ray_or_mlflow_load(tmp_path, argv, loaded):
+    """A sweep script checks every flag, its files and its data before it imports Ray, Tune and MLflow (seconds
+    of imports): a mistake is answered at once. torch only where a check builds the model (on the meta device)."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code = (
+        "import sys; from sweeps.cli import main; from sweeps.cifar10 import SPEC\n"
+        f"rc = main(SPEC, {argv!r})\n"
+        "print(rc, *sorted(m for m in ('ray', 'mlflow', 'torch', 'sweeps.driver') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", *loaded], proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_training_loads_no_download_decode_or_cache_code():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps import cli
+from sweeps import cli, driver
 from sweeps.catdog import SPEC as CATDOG
 from sweeps.cifar10 import SPEC as CIFAR10
 from tests.conftest import REGISTERED_MODEL, write_cifar_folders
@@ -38,7 +38,7 @@ def refused(spec, argv, monkeypatch, capsys, cwd) -> str:
     def tripwire(*a, **k):
         raise AssertionError("the resumed sweep reached run_sweep: Ray would start")
 
-    monkeypatch.setattr(cli, "run_sweep", tripwire)
+    monkeypatch.setattr(driver, "run_sweep", tripwire)
     monkeypatch.chdir(cwd)
     before = _files(cwd / "out" / "smoke")
     rc = cli.main(spec, argv)
