@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -265,3 +267,23 @@ def test_compiled_run_trains_and_matches_eager(tmp_path):
     resumed = train(on, ragged, device="cpu", resume=ckpt)
     for k in ("train/loss", "val/loss", "val/acc", "test/acc"):
         assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+
+
+def test_a_model_that_does_not_take_the_image_size_is_refused_at_once_on_either_device(monkeypatch):
+    """check_model_fits pushes one image through the model: on the CPU for a small model, in milliseconds and
+    without loading torch's compiler machinery (a second of imports before a typo's answer); on the meta device,
+    with nothing allocated, for a large one. Both refuse the tutorial net at 64x64 and take it at 32x32."""
+    code = (
+        "import sys; from cnnclf.config import TrainConfig; from cnnclf.recipe import check_model_fits\n"
+        "check_model_fits(TrainConfig(task='cifar10', model='cnn', width=64, depth=8, image_size=128))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+    from cnnclf import recipe
+
+    for limit in (recipe.CPU_CHECK_PARAMS, 0):  # 0: every model is "large", so the meta device runs the check
+        monkeypatch.setattr(recipe, "CPU_CHECK_PARAMS", limit)
+        recipe.check_model_fits(TrainConfig(task="cifar10", model="tutorial", image_size=32))
+        with pytest.raises(ValueError, match="the tutorial model does not take 64x64 images"):
+            recipe.check_model_fits(TrainConfig(task="cifar10", model="tutorial", image_size=64))
