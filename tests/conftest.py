@@ -27,11 +27,31 @@ pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the collection hook be
 SLOW_FIXTURES = frozenset({"smoke_sweep", "budget_sweep", "mlflow_server", "chromium", "two_nodes"})
 
 
+# Fixtures that make something costly that several tests read (a sweep; trained checkpoints, stores and reports
+# made once per module). pytest-xdist makes a session or module fixture once per worker that runs a test using it,
+# so every test using one goes to one worker (an xdist group; `--dist loadgroup` in pyproject.toml's addopts):
+# the session fixtures' by the fixture's name, the module fixtures' by the test's module. A test using none is
+# scheduled on its own, wherever a worker is free.
+SHARED_SESSION_FIXTURES = ("smoke_sweep", "budget_sweep")
+SHARED_MODULE_FIXTURES = frozenset({"trained", "store", "old_store", "runs", "reports", "inputs"})
+
+
+def shared_group(fixturenames) -> str | None:
+    """The xdist group of a test that uses these fixtures (directly or through others), None if it shares none."""
+    names = set(fixturenames)
+    session = [f for f in SHARED_SESSION_FIXTURES if f in names]
+    return session[0] if session else "module" if SHARED_MODULE_FIXTURES & names else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        names = getattr(item, "fixturenames", ())
+        if SLOW_FIXTURES.intersection(names):
             item.add_marker(pytest.mark.slow)
+        group = shared_group(names)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem if group == "module" else group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -64,3 +64,45 @@ def test_every_slow_fixture_is_a_fixture_of_the_suite():
     for path in TESTS.glob("*.py"):
         defined |= set(re.findall(r"@pytest\.fixture[^\n]*\n(?:@[^\n]*\n)*def (\w+)\(", path.read_text()))
     assert defined >= SLOW_FIXTURES, sorted(SLOW_FIXTURES - defined)
+
+
+def test_the_tests_sharing_a_costly_fixture_make_it_once_on_one_worker(pytester: pytest.Pytester, monkeypatch):
+    """With two workers, the tests that use a shared session fixture (a sweep) or a shared module fixture (trained
+    checkpoints) each run on one worker, so the fixture is made once, not once per worker. Checks the conftest hook
+    and the pytest / pytest-xdist pair (pytest 9.2 silently broke `--dist loadgroup`: pytest-dev/pytest-xdist#1386)."""
+    from tests.conftest import SHARED_MODULE_FIXTURES, SHARED_SESSION_FIXTURES
+
+    made = pytester.path / "made.txt"
+    session, module = SHARED_SESSION_FIXTURES[0], sorted(SHARED_MODULE_FIXTURES)[0]
+    pytester.makeconftest(
+        f"""
+import os
+import pytest
+from tests.conftest import pytest_collection_modifyitems  # the hook under test
+
+def _made(name):
+    with open({str(made)!r}, "a") as f:
+        f.write(name + " " + os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+
+@pytest.fixture(scope="session")
+def {session}():
+    _made("{session}")
+
+@pytest.fixture(scope="module")
+def {module}():
+    _made("{module}")
+"""
+    )
+    pytester.makeini("[pytest]\nmarkers =\n    slow: slow\n    gpu: gpu\n")
+    body = "import time\n\n" + "".join(
+        f"def test_{i}({session}):\n    time.sleep(0.05)\n\ndef test_plain_{i}():\n    time.sleep(0.05)\n\n"
+        for i in range(12)
+    )
+    pytester.makepyfile(test_a=body, test_b=body.replace(session, module))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS.parent))  # `tests.conftest` in the workers
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=48)
+    lines = sorted(made.read_text().splitlines())
+    assert [line.split()[0] for line in lines] == sorted([module, session]), lines  # each made once
+    workers = {line.split()[1] for line in lines}
+    assert workers <= {"gw0", "gw1"}, lines
