@@ -20,7 +20,14 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats as _scipy
+
+def _scipy():
+    """scipy.stats, imported on a statistic's first use: half a second that a trial's worker and a mistyped flag,
+    which import this module through sweeps.spec, never need."""
+    from scipy import stats
+
+    return stats
+
 
 LEVEL = 0.95  # every interval the project prints
 ALPHA = 1 - LEVEL
@@ -80,7 +87,7 @@ def wilson(acc: float, n_test: float) -> tuple[float, float]:
     """Wilson's 95% interval of a proportion `acc` measured on `n_test` items; (nan, nan) without them."""
     if not (n_test and n_test > 0 and math.isfinite(acc) and math.isfinite(n_test)):
         return math.nan, math.nan
-    z = float(_scipy.norm.ppf(1 - ALPHA / 2))
+    z = float(_scipy().norm.ppf(1 - ALPHA / 2))
     denom = 1 + z * z / n_test
     centre = (acc + z * z / (2 * n_test)) / denom
     half = z * math.sqrt(acc * (1 - acc) / n_test + z * z / (4 * n_test * n_test)) / denom
@@ -94,7 +101,7 @@ def one_run(acc: float, n_test: float | None) -> Estimate:
     if not (n_test and math.isfinite(n_test) and n_test > 0):
         return Estimate(acc, math.nan, math.nan, 1, math.nan, math.nan, "binomial")
     lo, hi = wilson(acc, n_test)
-    se = (hi - lo) / (2 * float(_scipy.norm.ppf(1 - ALPHA / 2)))  # Wilson's, so that 0% and 100% keep an error
+    se = (hi - lo) / (2 * float(_scipy().norm.ppf(1 - ALPHA / 2)))  # Wilson's, so that 0% and 100% keep an error
     return Estimate(acc, se, math.inf, 1, lo, hi, "binomial", float(n_test))
 
 
@@ -108,7 +115,7 @@ def over_seeds(values: Sequence[float]) -> Estimate:
     if n == 1:
         return Estimate(mean, math.nan, math.nan, 1, math.nan, math.nan, "seeds")
     se = statistics.stdev(xs) / math.sqrt(n)
-    half = float(_scipy.t.ppf(1 - ALPHA / 2, n - 1)) * se
+    half = float(_scipy().t.ppf(1 - ALPHA / 2, n - 1)) * se
     return Estimate(mean, se, n - 1, n, mean - half, mean + half, "seeds")
 
 
@@ -156,8 +163,8 @@ def difference(a: Estimate, b: Estimate) -> Difference:
     df = var**2 / sum(terms) if terms and sum(terms) > 0 else math.inf
     se = math.sqrt(var)
     t = diff / se
-    crit = float(_scipy.t.ppf(1 - ALPHA / 2, df) if math.isfinite(df) else _scipy.norm.ppf(1 - ALPHA / 2))
-    p = 2 * (_scipy.t.sf(abs(t), df) if math.isfinite(df) else _scipy.norm.sf(abs(t)))
+    crit = float(_scipy().t.ppf(1 - ALPHA / 2, df) if math.isfinite(df) else _scipy().norm.ppf(1 - ALPHA / 2))
+    p = 2 * (_scipy().t.sf(abs(t), df) if math.isfinite(df) else _scipy().norm.sf(abs(t)))
     return Difference(diff, diff - crit * se, diff + crit * se, float(p), float(df))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -52,6 +53,10 @@ def pytest_collection_modifyitems(config, items):
         group = shared_group(names)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem if group == "module" else group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects alike, so the order is the same on each
+        # The slow tests first (a stable sort keeps each part's order): xdist hands out the work in this order,
+        # so the long ones do not start last while the other workers idle.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -52,12 +52,13 @@ def test_the_sweep_never_imports_the_models_code_file_so_importing_it_has_no_sid
 )
 def test_a_sweep_flag_mistake_is_answered_before_ray_or_mlflow_load(tmp_path, argv, loaded):
     """A sweep script checks every flag, its files and its data before it imports Ray, Tune and MLflow (seconds
-    of imports): a mistake is answered at once. torch only where a check builds the model (on the meta device)."""
+    of imports; scipy too, which only the statistics at the end need): a mistake is answered at once. torch only
+    where a check builds the model."""
     argv = [a.format(tmp=tmp_path) for a in argv]
     code = (
         "import sys; from sweeps.cli import main; from sweeps.cifar10 import SPEC\n"
         f"rc = main(SPEC, {argv!r})\n"
-        "print(rc, *sorted(m for m in ('ray', 'mlflow', 'torch', 'sweeps.driver') if m in sys.modules))"
+        "print(rc, *sorted(m for m in ('ray', 'mlflow', 'scipy', 'torch', 'sweeps.driver') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
