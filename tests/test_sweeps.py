@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cnnclf.config import TrainConfig
 from sweeps.cli import UsageError, parse_fix
 from sweeps.searchers import Space
-from tests.conftest import write_catdog_flat, write_cifar_folders
+from tests.conftest import add_bad_files, write_catdog_flat, write_cifar_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,6 @@ def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweepdata") / "cifar"
     write_cifar_folders(root, 16, 4)
     return root
-
-
-@pytest.fixture(scope="module")
-def catdog_dir(tmp_path_factory) -> Path:
-    return write_catdog_flat(tmp_path_factory.mktemp("sweepdata") / "dogs-vs-cats", 40)
 
 
 def sweep(script: str, tmp: Path, *args, timeout=420) -> subprocess.CompletedProcess:
@@ -144,17 +139,17 @@ def test_bad_input_exits_2_before_ray(tmp_path, args, needle):
 # --- real sweeps ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
-    r = sweep("cifar10", tmp_path, "--smoke-test", "--data-dir", cifar_dir, *common(tmp_path, "smoke"))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_smoke_sweep_cifar10(smoke_sweep):
+    """The shared smoke sweep (tests/conftest.py: --smoke-test with --num-samples 3; the smoke default of 2 trials
+    is the Cat/Dog smoke sweep's, below)."""
+    r, tmp_path = smoke_sweep.result, smoke_sweep.tmp
     assert "recommended: " in r.stdout and "reproduce: python -m cnnclf train" in r.stdout
     client, parents, children = runs(tmp_path, "cifar10", "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["sweep.num_samples"] == "2"
+    assert "best/val/acc" in parents[0].data.metrics and parents[0].data.params["sweep.num_samples"] == "3"
     assert all(k.startswith("sweep.") for k in parents[0].data.params)  # the flags, apart from hyperparameters
     roles = sorted(c.data.tags["role"] for c in children)
-    assert roles == ["baseline", "confirm", "trial", "trial"]  # --smoke-test confirms the best with 1 fresh seed
+    assert roles == ["baseline", "confirm", "trial", "trial", "trial"]  # --smoke-test confirms the best, 1 seed
     best_trial = parents[0].data.tags["best.trial_id"]
     assert json.loads(parents[0].data.tags["best.config"])["model"] == "cnn"
     confirm = next(c for c in children if c.data.tags["role"] == "confirm")
@@ -177,13 +172,22 @@ def test_smoke_sweep_cifar10(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
-def test_smoke_sweep_catdog(tmp_path, catdog_dir):
-    r = sweep("catdog", tmp_path, "--smoke-test", "--data-dir", catdog_dir, *common(tmp_path, "cd"))
+def test_smoke_sweep_catdog_on_a_folder_with_corrupt_files_counts_them(tmp_path):
+    """Cat/Dog's smoke sweep, on Kaggle's flat layout with every kind of broken file beside the photos
+    (docs/reliability.md 5; CIFAR-10's folders: tests/test_reliability.py): skipped, counted, and the sweep runs."""
+    catdog_dir = write_catdog_flat(tmp_path / "dogs-vs-cats", 40)
+    bad = add_bad_files(catdog_dir / "train", prefix="dog.")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = sweep("catdog", work, "--smoke-test", "--data-dir", catdog_dir, *common(work, "cd"))
     assert r.returncode == 0, r.stderr[-3000:]
-    _client, parents, children = runs(tmp_path, "catdog", "cd")
-    assert len(parents) == 1 and len(children) == 4
+    assert f"({len(bad)} files skipped)" in r.stdout
+    _client, parents, children = runs(work, "catdog", "cd")
+    assert parents[0].data.metrics["data/files_skipped"] == len(bad)
+    assert len(parents) == 1 and len(children) == 4 and parents[0].data.params["sweep.num_samples"] == "2"
+    assert sorted(c.data.tags["role"] for c in children) == ["baseline", "confirm", "trial", "trial"]  # smoke: 2
     assert all(c.info.status == "FINISHED" for c in [*parents, *children])
-    assert (tmp_path / "out" / "cd" / "report.html").is_file()
+    assert (work / "out" / "cd" / "report.html").is_file()
     assert all(c.data.params["image_size"] == "64" for c in children)
     assert {"test/acc/cat", "test/acc/dog"} <= set(children[0].data.metrics)
 
