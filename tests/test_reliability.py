@@ -266,51 +266,45 @@ def test_worker_killed_as_its_trial_starts_is_retried_and_completes(tmp_path, ci
 # --- 3. a trial that always raises; 6. out of memory ------------------------------------------
 
 
-def test_trial_that_always_raises_fails_everywhere_and_the_rest_goes_on(tmp_path, cifar_dir):
-    faults = [{"kind": "raise", "at": "epoch_end", "epoch": 1, "match": {"batch_size": [">=", 64]}}]
+def test_trials_that_raise_or_run_out_of_memory_fail_cleanly_and_the_rest_goes_on(tmp_path, cifar_dir):
+    """Two faults in one sweep. The reference configuration, the search's first trial and the only one with lr
+    exactly 0.05, runs out of memory: failed, not retried (it would run out again), the worst value for TPE. Every
+    other trial with a batch of 64 or more raises: retried once (--max-failures 1), then failed everywhere. The
+    rest, the later trials among them, complete."""
+    faults = [
+        {"kind": "oom", "at": "epoch_end", "epoch": 1, "match": {"lr": 0.05}},
+        {"kind": "raise", "at": "epoch_end", "epoch": 1, "match": {"batch_size": [">=", 64]}},
+    ]
     args = [
-        "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "1", "--max-failures", "1",
-        "--max-concurrent", "1", "--seed", "0", *SMALL, *paths(tmp_path, "raise"),
+        "--data-dir", cifar_dir, "--num-samples", "4", "--max-epochs", "1", "--max-failures", "1",
+        "--max-concurrent", "1", "--seed", "0", *SMALL, *paths(tmp_path, "faults"),
     ]  # fmt: skip
     r = run(tmp_path, args, faults)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # some trials failed
-    _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "raise")
-    big = [c for c in runs if int(c.data.params["batch_size"]) >= 64]
+    _, parents, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")
+    oom = [c for c in runs if c.data.tags["status"] == "oom"]
+    big = [c for c in runs if int(c.data.params["batch_size"]) >= 64 and c not in oom]
     small = [c for c in runs if int(c.data.params["batch_size"]) < 64]
-    assert big and small, "seed 0 should give both batch sizes >= 64 and < 64"
+    assert big and small, "seed 0 should give batch sizes >= 64 and < 64 beside the reference"
     for c in big:
         assert c.info.status == "FAILED" and c.data.tags["status"] == "error"
         assert c.data.tags["retries"] == "1" and "injected fault" in c.data.tags["error"]
     assert all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in small)
-    summary = json.loads((tmp_path / "out" / "raise" / "summary.json").read_text())
-    assert summary["outcomes"]["error"] == len(big) and "ERROR" in summary["trial_statuses"].values()
-    states = Counter(t.state.name for t in study(tmp_path, "raise").trials)
-    assert states["FAIL"] == len(big) and "RUNNING" not in states
-    assert (tmp_path / "out" / "raise" / "report.html").is_file()
-    assert parents[0].info.status == "FINISHED"
-
-
-def test_out_of_memory_fails_cleanly_and_later_trials_run(tmp_path, cifar_dir):
-    # The reference configuration, the search's first trial, is the only one with lr exactly 0.05.
-    faults = [{"kind": "oom", "at": "epoch_end", "epoch": 1, "match": {"lr": 0.05}}]
-    args = [
-        "--data-dir", cifar_dir, "--num-samples", "3", "--max-epochs", "1", "--max-concurrent", "1",
-        "--no-baseline", "--seed", "0", *SMALL, *paths(tmp_path, "oom"),
-    ]  # fmt: skip
-    r = run(tmp_path, args, faults)
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    _, _, runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "oom")
-    oom = [c for c in runs if c.data.tags["status"] == "oom"]
     assert len(oom) == 1 and oom[0].info.status == "FAILED" and "OutOfMemoryError" in oom[0].data.tags["error"]
     assert oom[0].data.tags.get("retries") is None  # not retried: it would run out of memory again
     assert oom[0].data.metrics["resources/gpu_mem_after_mb"] == 0.0  # the failure's own result reached MLflow
-    later = [c for c in runs if c.info.start_time > oom[0].info.end_time]
-    assert later and all(c.info.status == "FINISHED" and "test/acc" in c.data.metrics for c in later)
-    trials = study(tmp_path, "oom").trials
+    later = [c for c in small if c.info.start_time > oom[0].info.end_time]
+    assert later, "trials ran after the one that ran out of memory"
+    summary = json.loads((tmp_path / "out" / "faults" / "summary.json").read_text())
+    assert summary["outcomes"]["error"] == len(big) and "ERROR" in summary["trial_statuses"].values()
+    assert summary["outcomes"]["oom"] == 1 and summary["outcomes"]["completed"] == len(small)
+    trials = study(tmp_path, "faults").trials
+    states = Counter(t.state.name for t in trials)
+    assert states["FAIL"] == len(big) and "RUNNING" not in states
     ooms = [t for t in trials if t.user_attrs.get("status") == "oom"]
     assert len(ooms) == 1 and ooms[0].state.name == "COMPLETE" and ooms[0].value == 0.0  # worst value: TPE learns
-    summary = json.loads((tmp_path / "out" / "oom" / "summary.json").read_text())
-    assert summary["outcomes"]["oom"] == 1 and summary["outcomes"]["completed"] == 2
+    assert (tmp_path / "out" / "faults" / "report.html").is_file()
+    assert parents[0].info.status == "FINISHED"
 
 
 def test_train_or_oom_turns_oom_into_a_failure_result():

@@ -183,7 +183,7 @@ def test_tracking_lock_never_truncates_through_a_planted_symlink(tmp_path):
 # --- an address that does not answer ---------------------------------------------------------
 
 
-@pytest.mark.slow  # ray.init in the sweep's process, for --connect-timeout's 15 s
+@pytest.mark.slow  # ray.init in the sweep's process, for --connect-timeout's 5 s
 def test_an_address_that_accepts_but_is_no_ray_head_gives_up_with_exit_2(tmp_path):
     """A port that takes the TCP connection but never speaks Ray's protocol: Ray alone retries for
     more than ten minutes. The sweep gives up after --connect-timeout with one line naming --address."""
@@ -210,7 +210,7 @@ def test_an_address_that_accepts_but_is_no_ray_head_gives_up_with_exit_2(tmp_pat
         r = subprocess.run(
             [
                 *(sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--smoke-test", "--data-dir", data),
-                *("--no-download", "--address", f"127.0.0.1:{port}", "--connect-timeout", "15"),
+                *("--no-download", "--address", f"127.0.0.1:{port}", "--connect-timeout", "5"),
                 *("--tracking-uri", "sqlite:///m.db"),
             ],
             capture_output=True,
