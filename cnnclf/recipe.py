@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnclf.config import TrainConfig
-from cnnclf.models import build_model
+from cnnclf.models import build_model, count_parameters
 
 
 def model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -34,11 +34,15 @@ def check_model_fits(cfg: TrainConfig, num_classes: int = 2) -> None:
     here in a fraction of a second, with ValueError, not after the data is decoded."""
     s = cfg.image_size
     try:
-        with torch.device("meta"):
-            params = sum(p.numel() for p in model_for(cfg, num_classes).parameters())
-        small = params <= CPU_CHECK_PARAMS and params * s * s <= CPU_CHECK_WORK
-        with torch.device("cpu" if small else "meta"), torch.no_grad():
-            model_for(cfg, num_classes).eval()(torch.zeros(1, 3, s, s))
+        device = torch.device("meta")
+        with device:
+            model = model_for(cfg, num_classes)
+        params = count_parameters(model)
+        if params <= CPU_CHECK_PARAMS and params * s * s <= CPU_CHECK_WORK:
+            device = torch.device("cpu")
+            model = model_for(cfg, num_classes)  # small: built for real
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, s, s, device=device))
     except Exception as e:
         raise ValueError(f"the {cfg.model} model does not take {s}x{s} images ({str(e).splitlines()[0]})") from None
 
